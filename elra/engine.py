@@ -1,0 +1,272 @@
+"""Engines: the vector half of ELRA over the flat parameter buffers.
+
+An engine owns the vectors of the algorithm (the previous direction, the retrace point, the
+gradient collection) and the scalars that follow from them (``alpha``, ``lr``, the window sums of
+the angle terms). Its small interface is all the optimizer uses:
+
+``collect``      add one call's gradient into the collection (``coll += w * g``),
+``reduce``       the reductions of a step (``<g, p>``, ``|g|^2``, and for weight decay
+                 ``<x, p>``, ``<g, x>``, ``|x|^2``), with the finiteness check,
+``first_step``   the very first move along the gradient,
+``apply``        the step-size update from the reductions and the update of an accepted step,
+``retrace``      the step-size shrink of a failed step and the move back.
+
+:class:`TorchEngine` implements it with plain torch operations (it works everywhere and is the
+ground truth in tests); a native engine implements the same interface with fused kernels.
+
+[note: weight decay and loss scaling without touching the gradients]
+The direction of a step is ``g' = inv * g + c * x`` per parameter group (``inv`` undoes loss
+scaling, ``c`` is the group's weight-decay coefficient). Its reductions follow algebraically from
+``<g, p>``, ``|g|^2``, ``<x, p>``, ``<g, x>`` and ``|x|^2``, so neither the user's gradients nor an
+extra buffer are modified or allocated, and a fused kernel can do it in one pass.
+
+[note: the retrace point]
+After an accepted step ``x = x_good - s * d``. In the stochastic regime a retrace only halves
+``s``, so ``x_good - s' * d = x + (s - s') * d`` is recovered algebraically to within a rounding
+of the step itself, and no copy of ``x`` is kept (one buffer and two memory passes per step
+saved). In the deterministic regime a retrace may shrink ``alpha`` by orders of magnitude; there
+the rounding error of ``x + s * d`` would be large against the new step, so the engine keeps an
+exact copy of ``x_good``. Half-precision buffers always keep the copy (a huge failed step can
+overflow float16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .control import StepInputs
+from .flat_buffer import FlatBuffer
+from .stepsize import Scalars, accepted_update, retrace_update
+
+HALF_GRAD_NORM_LIMIT = 65e3  # a larger gradient norm in fp16/bf16 counts as an overflow
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Reductions:
+    """Global reductions of one step (float64 on the host)."""
+
+    finite: bool
+    grad_norm: float = 0.0  # |g'|, the norm of the direction to apply (with decay)
+    raw_grad_norm: float = 0.0  # |inv * g|, before weight decay
+    gd: float = 0.0  # <g', d_prev>
+    gg: float = 0.0  # |g'|^2
+    coefs: Optional[list] = None  # per buffer, per segment weight-decay coefficient c
+
+
+class Engine:
+    """Base of all engines: vector state, its layout and the shared scalar logic."""
+
+    name = "base"
+
+    def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
+                 alpha: float, lr: float):
+        self.buffers = buffers
+        self.stochastic = stochastic
+        self.momentum = float(momentum)
+        self.scalars = Scalars(alpha=alpha, lr=lr)
+        self.dir_sqnorm = 0.0  # |d|^2 of the stored direction
+        self.dir_scale = 1.0  # p = dir_scale * d (the projection, with momentum)
+        self.direction = [b.new_zeros() for b in buffers]
+        self.retrace_point: list[Optional[torch.Tensor]] = [
+            b.new_zeros() if (not stochastic or b.dtype in _HALF) else None for b in buffers]
+        self.collected: Optional[list[torch.Tensor]] = None
+        self.collected_count = 0
+
+    # --- state --------------------------------------------------------------------------------
+    def vectors(self) -> dict[str, list[Optional[torch.Tensor]]]:
+        """The engine's vector state by name, one flat tensor (or None) per buffer."""
+        out = {"direction": list(self.direction), "retrace_point": list(self.retrace_point)}
+        if self.collected is not None:
+            out["collected"] = list(self.collected)
+        return out
+
+    def ensure_collection(self) -> None:
+        if self.collected is None:
+            self.collected = [b.new_zeros() for b in self.buffers]
+            self.collected_count = 0
+
+    def drop_collection(self) -> None:
+        self.collected_count = 0
+
+    def scalar_state(self) -> dict:
+        sc = self.scalars
+        return {"alpha": sc.alpha, "lr": sc.lr, "step_size": sc.step_size,
+                "mean_angle": sc.mean_angle, "min_angle": sc.min_angle, "norm_sum": sc.norm_sum,
+                "dir_sqnorm": self.dir_sqnorm, "dir_scale": self.dir_scale,
+                "collected_count": self.collected_count}
+
+    def load_scalar_state(self, d: dict) -> None:
+        sc = self.scalars
+        for k in ("alpha", "lr", "step_size", "mean_angle", "min_angle", "norm_sum"):
+            setattr(sc, k, float(d[k]))
+        self.dir_sqnorm = float(d["dir_sqnorm"])
+        self.dir_scale = float(d["dir_scale"])
+        self.collected_count = int(d["collected_count"])
+
+    # --- shared scalar math ------------------------------------------------------------------
+    def _angle_term(self, gd: float) -> float:
+        """S = <g', p> / |p|^2 with p = dir_scale * d (0 when p is zero)."""
+        denom = self.dir_scale * self.dir_sqnorm
+        return gd / denom if denom != 0.0 and math.isfinite(denom) else 0.0
+
+    def _next_direction_scalars(self, red: Reductions) -> None:
+        b = self.momentum
+        if b == 0.0:
+            self.dir_sqnorm, self.dir_scale = red.gg, 1.0
+        else:
+            sq = b * b * self.dir_sqnorm + 2 * b * (1 - b) * red.gd + (1 - b) ** 2 * red.gg
+            g_dot_new = b * red.gd + (1 - b) * red.gg
+            self.dir_sqnorm = max(sq, 0.0)
+            self.dir_scale = g_dot_new / sq if sq > 0.0 else 1.0
+
+    def p_norm(self) -> float:
+        return abs(self.dir_scale) * math.sqrt(max(self.dir_sqnorm, 0.0))
+
+    # --- interface (implemented per engine) --------------------------------------------------------
+    def collect(self, weight: float, inv: float) -> bool:
+        raise NotImplementedError
+
+    def reduce(self, use_collected: bool, inv: float, wd: Optional[list[float]],
+               grad_norm_avg: float) -> Reductions:
+        raise NotImplementedError
+
+    def first_step(self, red: Reductions, use_collected: bool, inv: float) -> None:
+        raise NotImplementedError
+
+    def apply(self, red: Reductions, use_collected: bool, inv: float, inputs: StepInputs) -> float:
+        raise NotImplementedError
+
+    def retrace(self, f: float, f_last: float) -> float:
+        raise NotImplementedError
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype in _HALF:
+        return torch.dot(a.float(), b.float())
+    return torch.dot(a, b)
+
+
+class TorchEngine(Engine):
+    """The pure-torch engine: a few whole-buffer torch operations per step, works everywhere."""
+
+    name = "torch"
+
+    def _sources(self, use_collected: bool) -> list[torch.Tensor]:
+        return self.collected if use_collected else [b.grad for b in self.buffers]
+
+    def _grad_ok(self, gg: float) -> bool:
+        if not math.isfinite(gg):
+            return False
+        if any(b.dtype in _HALF for b in self.buffers) and math.sqrt(gg) >= HALF_GRAD_NORM_LIMIT:
+            return False
+        return True
+
+    def collect(self, weight: float, inv: float) -> bool:
+        self.ensure_collection()
+        grads = [b.grad for b in self.buffers]
+        gg = sum(_dot(g, g).item() for g in grads) * inv * inv
+        if not self._grad_ok(gg):
+            return False
+        w = weight * inv
+        for c, g in zip(self.collected, grads):
+            if self.collected_count == 0:
+                torch.mul(g, w, out=c)
+            else:
+                c.add_(g, alpha=w)
+        self.collected_count += 1
+        return True
+
+    def reduce(self, use_collected, inv, wd, grad_norm_avg):
+        srcs = self._sources(use_collected)
+        if wd is None:
+            parts = [torch.stack([_dot(g, d), _dot(g, g)]) for g, d in zip(srcs, self.direction)]
+            gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
+            gd, gg = gd * inv, gg * inv * inv
+            if not self._grad_ok(gg):
+                return Reductions(finite=False)
+            n = math.sqrt(gg)
+            return Reductions(True, n, n, gd, gg, None)
+        # weight decay: per segment <g,d>, |g|^2, <x,d>, <g,x>, |x|^2
+        seg_vals = []
+        for buf, g, d in zip(self.buffers, srcs, self.direction):
+            rows = []
+            for s in buf.segments:
+                gs, ds, xs = g[s.start:s.end], d[s.start:s.end], buf.data[s.start:s.end]
+                rows.append(torch.stack([_dot(gs, ds), _dot(gs, gs), _dot(xs, ds),
+                                         _dot(gs, xs), _dot(xs, xs)]))
+            seg_vals.append(torch.stack(rows).double().tolist())
+        gg_raw = sum(r[1] for rows in seg_vals for r in rows) * inv * inv
+        if not self._grad_ok(gg_raw):
+            return Reductions(finite=False)
+        xx = sum(r[4] for rows in seg_vals for r in rows)
+        gna = grad_norm_avg if grad_norm_avg > 0.0 else math.sqrt(gg_raw)
+        kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
+        gd = gg = 0.0
+        coefs = []
+        for buf, rows in zip(self.buffers, seg_vals):
+            cs = []
+            for s, (sgd, sgg, sxd, sgx, sxx) in zip(buf.segments, rows):
+                c = wd[s.group] * kappa
+                cs.append(c)
+                gd += inv * sgd + c * sxd
+                gg += inv * inv * sgg + 2 * c * inv * sgx + c * c * sxx
+            coefs.append(cs)
+        gg = max(gg, 0.0)
+        if not math.isfinite(gg) or not math.isfinite(gd):
+            return Reductions(finite=False)
+        return Reductions(True, math.sqrt(gg), math.sqrt(gg_raw), gd, gg, coefs)
+
+    def _write_direction(self, red: Reductions, use_collected: bool, inv: float,
+                         b: float) -> None:
+        """d <- b * d + (1 - b) * g' with g' = inv * g + c * x per segment (b = momentum)."""
+        for k, (buf, g, d) in enumerate(zip(self.buffers, self._sources(use_collected),
+                                            self.direction)):
+            if b == 0.0:
+                if inv == 1.0:
+                    d.copy_(g)
+                else:
+                    torch.mul(g, inv, out=d)
+            else:
+                d.mul_(b).add_(g, alpha=(1 - b) * inv)
+            if red.coefs is not None:
+                for s, c in zip(buf.segments, red.coefs[k]):
+                    if c != 0.0:
+                        d[s.start:s.end].add_(buf.data[s.start:s.end], alpha=(1 - b) * c)
+
+    def _move(self, step: float) -> None:
+        for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):
+            if xg is not None:
+                xg.copy_(buf.data)
+            buf.data.add_(d, alpha=-step)
+
+    def first_step(self, red, use_collected, inv):
+        self._write_direction(red, use_collected, inv, 0.0)  # the first direction is g itself
+        self.dir_sqnorm, self.dir_scale = red.gg, 1.0
+        self.scalars.step_size = self.scalars.alpha
+        self._move(self.scalars.alpha)
+
+    def apply(self, red, use_collected, inv, inputs):
+        S = self._angle_term(red.gd)
+        step = accepted_update(self.scalars, S, red.grad_norm, inputs, self.stochastic)
+        self._write_direction(red, use_collected, inv, self.momentum)
+        self._next_direction_scalars(red)
+        self._move(step)
+        self.scalars.norm_sum += self.p_norm()
+        return step
+
+    def retrace(self, f, f_last):
+        old = self.scalars.step_size
+        p_sq = self.dir_scale ** 2 * self.dir_sqnorm
+        new = retrace_update(self.scalars, f, f_last, p_sq, self.stochastic)
+        for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):
+            if xg is not None:
+                torch.add(xg, d, alpha=-new, out=buf.data)
+            else:
+                buf.data.add_(d, alpha=old - new)
+        self.scalars.norm_sum += self.p_norm()
+        return new

@@ -1,0 +1,131 @@
+"""One contiguous buffer per (device, dtype) for the trainable parameters and their gradients.
+
+ELRA works on "all parameters as one vector": dot products, norms and one axpy-like update per
+step. Keeping the parameters (and their gradients) as views into one flat buffer lets every one of
+those be a single vector operation, with no concatenation or copy of all gradients per step.
+
+[note: how the views stay valid]
+Each trainable parameter's ``.data`` is re-pointed to a view of the buffer and its ``.grad`` to a
+view of the gradient buffer; backward then accumulates into the buffer in place. Three things can
+break that, and :meth:`FlatBuffer.sync_grads` / :meth:`FlatBuffer.params_moved` notice each of
+them at the start of a step: a gradient set to ``None`` (``model.zero_grad()``), a gradient
+replaced by another tensor, and a parameter whose data was replaced (``model.to(...)``,
+``p.data = ...``). The first two are repaired by zeroing or copying one parameter's segment;
+the last makes the optimizer rebuild its layout and carry its state over.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("elra")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The elements ``[start, end)`` of a buffer that belong to one parameter group."""
+
+    group: int
+    start: int
+    end: int
+
+
+class FlatBuffer:
+    """Parameters of one device and dtype as views into one contiguous tensor.
+
+    ``params`` must be ordered by parameter group, so that each group is a contiguous
+    :class:`Segment`. The constructor moves the parameter values (and existing gradients) into
+    the buffers; parameters keep their identity, only their storage changes.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], groups: list[int]):
+        if not params:
+            raise ValueError("a FlatBuffer needs at least one parameter")
+        self.params = list(params)
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.shapes = [p.shape for p in params]
+        sizes = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for s in sizes:
+            self.offsets.append(total)
+            total += s
+        self.numel = total
+        self.sizes = sizes
+        segments: list[Segment] = []
+        for grp, off, size in zip(groups, self.offsets, sizes):
+            if segments and segments[-1].group == grp and segments[-1].end == off:
+                segments[-1] = Segment(grp, segments[-1].start, off + size)
+            else:
+                segments.append(Segment(grp, off, off + size))
+        self.segments = segments
+        self.data = torch.empty(total, dtype=self.dtype, device=self.device)
+        self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.data_views = self.views(self.data)
+        self.grad_views = self.views(self.grad)
+        for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
+            dv.copy_(p.detach())
+            if p.grad is not None:
+                _check_grad(p, p.grad)
+                gv.copy_(p.grad)
+            p.data = dv
+            p.grad = gv
+        self._ptrs = [p.data_ptr() for p in self.params]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views (parameter shapes) of a tensor laid out like this buffer."""
+        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+
+    def new_zeros(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.zeros(self.numel, dtype=dtype or self.dtype, device=self.device)
+
+    def params_moved(self) -> bool:
+        """True if some parameter's data no longer lives in this buffer."""
+        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._ptrs))
+
+    def sync_grads(self) -> int:
+        """Make every ``p.grad`` a view of the gradient buffer again; return how many had one.
+
+        A gradient set to ``None`` counts as zero; a gradient replaced by another tensor is
+        copied into the buffer (one parameter's worth), and the parameter's ``.grad`` is
+        pointed back at the buffer.
+        """
+        present = 0
+        for i, (p, gv) in enumerate(zip(self.params, self.grad_views)):
+            g = p.grad
+            if g is gv:
+                present += 1
+                continue
+            if g is None:
+                gv.zero_()
+            else:
+                _check_grad(p, g)
+                gv.copy_(g)
+                present += 1
+                if not getattr(self, "_copy_logged", False):
+                    self._copy_logged = True
+                    logger.info("elra: a gradient was replaced outside the optimizer; copying it "
+                                "into the flat buffer (optimizer.zero_grad() avoids the copy)")
+            p.grad = gv
+        return present
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer in place and re-attach the views."""
+        self.grad.zero_()
+        for p, gv in zip(self.params, self.grad_views):
+            if p.grad is not gv:
+                p.grad = gv
+
+
+def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(
+            "ElraOptimizer does not support sparse gradients (layout "
+            f"{g.layout}); use dense gradients, e.g. nn.Embedding(sparse=False)")
+    if g.shape != p.shape:
+        raise RuntimeError(f"gradient of shape {tuple(g.shape)} does not match its parameter's "
+                           f"shape {tuple(p.shape)}")

@@ -1,0 +1,649 @@
+"""``ElraOptimizer``: the ``torch.optim.Optimizer`` face of ELRA/P2M.
+
+This class is deliberately thin: it validates input, keeps the parameter groups and the flat
+layout in step with the model, turns the user's loss into a float, sequences one ELRA step from
+the control law (:mod:`elra.control`) and an engine (:mod:`elra.engine`), and saves and loads the
+complete state. The algorithm itself lives in those modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+from .boost import Booster
+from .control import INITIAL_LR, MAX_COLLECTS, LossControl, normalize_weight_decay
+from .engine import Engine, TorchEngine
+from .flat_buffer import FlatBuffer
+
+logger = logging.getLogger("elra")
+
+STATE_VERSION = 1
+REGIMES = ("stochastic", "deterministic")
+ENGINES = ("auto", "torch", "native")
+
+_NEED_LOSS = (
+    "ElraOptimizer.step() needs the loss value, because ELRA decides from it whether a step "
+    "succeeded. Pass it in one of these ways: optimizer.step(loss) with a float or a 0-dim "
+    "tensor; optimizer.step(closure) where closure() recomputes the loss and calls backward(); "
+    "or use ElraGradScaler (scaler.scale(loss).backward(); scaler.step(optimizer))."
+)
+
+
+def _loss_to_float(loss: Any, what: str = "loss") -> float:
+    """A loss given as a number, a one-element tensor or array, as a Python float."""
+    if isinstance(loss, (str, bytes, bool)) or loss is None:
+        raise TypeError(f"{what} must be a number or a one-element tensor, "
+                        f"got {type(loss).__name__}: {loss!r}")
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"{what} must be a single value, got a tensor of shape {tuple(loss.shape)}; "
+                f"reduce it first (e.g. loss.mean())")
+        if loss.is_complex():
+            raise TypeError(f"{what} must be real, got a complex tensor")
+        return float(loss.detach().reshape(()))
+    if isinstance(loss, numbers.Real):
+        return float(loss)
+    if hasattr(loss, "__float__"):
+        try:
+            return float(loss)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what} must be a single value: {e}") from None
+    raise TypeError(f"{what} must be a number or a one-element tensor, got {type(loss).__name__}")
+
+
+def _mode_name(mode: Any) -> str:
+    name = getattr(mode, "name", mode)
+    if not isinstance(name, str):
+        raise TypeError(f"mode must be 'P2M', got {mode!r}")
+    key = name.strip().lower()
+    if key in ("p2m", "p2min"):
+        return "P2M"
+    if key in ("c2m", "c2min"):
+        raise ValueError("mode C2M was discontinued by ELRA's authors; only P2M exists "
+                         "(leave mode at its default)")
+    raise ValueError(f"unknown ELRA mode {mode!r}; the only mode is 'P2M'")
+
+
+class ElraOptimizer(torch.optim.Optimizer):
+    """ELRA/P2M: gradient descent that sets its own step size from the angle of consecutive
+    gradients, retraces failed steps, grows its batch and controls its weight decay.
+
+    The positional order matches the reference package, so ``ElraOptimizer(params, model,
+    batch_size, classes, lr=..., weight_decay=...)`` works unchanged.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``. Groups may
+            carry their own ``weight_decay``. Parameters must be real floating point tensors
+            (float16/bfloat16/float32/float64); one group must live on one device. Raises
+            ``TypeError``/``ValueError`` otherwise.
+        model: optional module, used by :meth:`get_boost_model` when no model is passed there.
+        batch_size: mini-batch size (samples per ``step``); shapes the long control window.
+            Default 8; 0 means the default.
+        classes: number of classes of a classification task, as in the reference: ``classes > 1``
+            selects the stochastic regime, otherwise deterministic; ``log(classes)`` bounds the
+            initial loss estimate. Prefer ``regime``.
+        lr: the first step length along the gradient (default 1e-5); ELRA grows or shrinks it by
+            itself within a few steps. Must be finite and > 0.
+        mode: only ``"P2M"`` (also ``"p2min"``); ``"C2M"`` was discontinued and raises.
+        dummy: accepted and ignored (positional compatibility with the reference).
+        momentum: optional momentum ``beta`` in [0, 1); ``None`` or 0 turns it off (default).
+        weight_decay: decay in [0, 0.1) (e.g. 1e-4), or a keep factor > 0.5 read as ``1 - value``
+            (0.9999 means 1e-4). ELRA scales it with the gradient size and, once
+            :meth:`set_valid_loss` and :meth:`set_train_loss` were called, replaces it by its own
+            factor from the train/validation gap.
+        warmup: number of steps over which the stochastic step ramps up (default 1: none).
+        regime: ``"stochastic"`` for mini-batch training of networks (the applied step is a damped,
+            scheduled ``lr``; retrace, batch growth and weight-decay control active) or
+            ``"deterministic"`` for full-batch problems (the applied step is ``alpha`` itself).
+            Default ``None`` chooses by ``classes`` when given, else ``"stochastic"`` when
+            ``warmup > 1`` (warm-up only exists there), else ``"deterministic"`` with a warning,
+            because the deterministic regime barely trains a network on mini-batches.
+        collects: initial number of calls whose gradients are averaged into one step (default 1);
+            ELRA doubles it by itself when progress stalls.
+        engine: ``"auto"`` (default), ``"torch"`` (pure torch) or ``"native"`` (fused kernels;
+            raises ``RuntimeError`` if they are not built).
+
+    A step needs the loss: ``step(loss)``, ``step(closure)`` or :class:`ElraGradScaler`.
+    ``param_groups[i]["lr"]`` always shows the step length currently applied; changes made to it
+    from outside (LR schedulers) are ignored with one warning.
+    """
+
+    def __init__(self, params: Iterable, model: Optional[torch.nn.Module] = None,
+                 batch_size: int = 8, classes: Optional[int] = None, lr: float = 1e-5,
+                 mode: Any = "P2M", dummy: Any = None, momentum: Optional[float] = None,
+                 weight_decay: float = 0.0, warmup: int = 1, *, regime: Optional[str] = None,
+                 collects: int = 1, engine: str = "auto"):
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        self.mode = _mode_name(mode)
+        wd = normalize_weight_decay(weight_decay)
+        batch_size = _int_arg("batch_size", batch_size, 0) or 8
+        if classes is not None:
+            classes = _int_arg("classes", classes, 0)
+        warmup = _int_arg("warmup", warmup, 0)
+        collects = _int_arg("collects", collects, 1)
+        if collects > MAX_COLLECTS:
+            raise ValueError(f"collects must be at most {MAX_COLLECTS}, got {collects}")
+        if momentum is None:
+            momentum = 0.0
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        stochastic = self._resolve_regime(regime, classes, warmup)
+        self._ready = False
+        self._model = model
+        self._lr_group_warned = False
+        super().__init__(params, {"lr": float(lr), "weight_decay": wd})
+        self._config = {"momentum": float(momentum), "engine": engine}
+        self._control = LossControl(stochastic=stochastic, batch_size=batch_size,
+                                    classes=classes or 0, warmup=warmup, collects=collects)
+        self._losses: list[float] = []
+        self._shown_lr = float(lr)
+        self._scheduler_warned = False
+        self._booster: Optional[Booster] = None
+        self.last_outcome = "none"
+        self._engine: Engine
+        self._buffers: list[FlatBuffer] = []
+        self._build(alpha=float(lr), lr=INITIAL_LR)
+        self._ready = True
+
+    # --- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_regime(regime: Optional[str], classes: Optional[int], warmup: int) -> bool:
+        if regime is not None:
+            if regime not in REGIMES:
+                raise ValueError(f"regime must be one of {REGIMES} or None, got {regime!r}")
+            return regime == "stochastic"
+        if classes is not None:
+            return classes > 1
+        if warmup > 1:
+            logger.info("elra: warmup=%d given, using the stochastic regime", warmup)
+            return True
+        warnings.warn(
+            "ElraOptimizer: no regime chosen, using the deterministic (full-batch) regime as the "
+            "reference package does by default. For mini-batch training pass "
+            "regime='stochastic' (or classes=<number of classes>); pass regime='deterministic' "
+            "to keep this choice without the warning.", UserWarning, stacklevel=3)
+        return False
+
+    @property
+    def regime(self) -> str:
+        """``"stochastic"`` or ``"deterministic"``."""
+        return "stochastic" if self._control.stochastic else "deterministic"
+
+    @property
+    def engine_name(self) -> str:
+        """The engine doing the vector work (``"torch"`` or ``"native"``)."""
+        return self._engine.name
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (e.g. with its own ``weight_decay``); same rules as the constructor."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "not sets")
+        else:
+            params = list(params) if params is not None else []
+        group["params"] = params
+        devices = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"ElraOptimizer can only optimize Tensors, got {type(p).__name__}")
+            if p.is_complex():
+                raise TypeError("ElraOptimizer does not support complex parameters "
+                                f"(dtype {p.dtype}); view them as real with torch.view_as_real")
+            if not p.is_floating_point():
+                raise TypeError(f"ElraOptimizer can only optimize floating point parameters, "
+                                f"got dtype {p.dtype}")
+            if p.is_sparse or p.layout != torch.strided:
+                raise TypeError(f"ElraOptimizer needs dense parameters, got layout {p.layout}")
+            devices.add(p.device)
+        if len(devices) > 1:
+            raise ValueError("all parameters of one group must be on one device, got "
+                             f"{sorted(str(d) for d in devices)}; put them in separate groups")
+        if len(set(map(id, params))) != len(params):
+            raise ValueError("a parameter group contains the same parameter twice")
+        if "weight_decay" in group:
+            group["weight_decay"] = normalize_weight_decay(group["weight_decay"])
+        if "lr" in group and group["lr"] != self.defaults.get("lr") and not self._lr_group_warned:
+            self._lr_group_warned = True
+            warnings.warn("ElraOptimizer uses one step length for all parameters; the 'lr' of a "
+                          "parameter group is ignored", UserWarning, stacklevel=2)
+        group.pop("lr", None)
+        super().add_param_group(group)
+        if self._ready:
+            self.param_groups[-1]["lr"] = self._shown_lr
+            self._rebuild()
+
+    def _trainable(self) -> list[tuple[int, torch.nn.Parameter]]:
+        return [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                if p.requires_grad]
+
+    def _signature(self) -> tuple:
+        return tuple((id(p), p.requires_grad) for g in self.param_groups for p in g["params"])
+
+    def _build(self, alpha: float, lr: float) -> None:
+        """Lay out the trainable parameters in flat buffers and create the engine."""
+        trainable = self._trainable()
+        if not trainable:
+            raise ValueError("ElraOptimizer got no trainable parameters (all have "
+                             "requires_grad=False)")
+        by_key: dict[tuple, list] = {}
+        for gi, p in trainable:
+            by_key.setdefault((p.device, p.dtype), []).append((gi, p))
+        self._buffers = [FlatBuffer([p for _, p in items], [gi for gi, _ in items])
+                         for items in by_key.values()]
+        self._engine = self._make_engine(alpha, lr, self._control.stochastic,
+                                         self._config["momentum"])
+        self._owned_ids = {id(p) for b in self._buffers for p in b.params}
+        if self._booster is not None:
+            self._booster = Booster(self._buffers, self._booster.cycle)
+        self._signature_cache = self._signature()
+        self._refresh_state_views()
+
+    def _make_engine(self, alpha: float, lr: float, stochastic: bool, momentum: float) -> Engine:
+        choice = self._config["engine"]
+        if choice == "native":
+            raise RuntimeError("engine='native' was asked for, but the native kernels are not "
+                               "part of this build; use engine='auto' or 'torch'")
+        return TorchEngine(self._buffers, stochastic=stochastic, momentum=momentum,
+                           alpha=alpha, lr=lr)
+
+    def _vector_views(self) -> dict[str, dict[torch.nn.Parameter, torch.Tensor]]:
+        """Every per-parameter state vector, by name, as views of the flat state buffers."""
+        out: dict[str, dict] = {}
+        vecs = self._engine.vectors()
+        if self._booster is not None:
+            vecs["boost_average"] = self._booster.average
+        for name, flats in vecs.items():
+            m = out.setdefault(name, {})
+            for buf, flat in zip(self._buffers, flats):
+                if flat is None:
+                    continue
+                for p, v in zip(buf.params, buf.views(flat)):
+                    m[p] = v
+        return out
+
+    def _refresh_state_views(self) -> None:
+        self.state.clear()
+        for name, m in self._vector_views().items():
+            for p, v in m.items():
+                self.state[p][name] = v
+
+    def _rebuild(self) -> None:
+        """Rebuild the layout after the parameter set changed, carrying all state over."""
+        old_views = self._vector_views()
+        old_engine, old_booster = self._engine, self._booster
+        collected = old_engine.collected is not None
+        self._build(old_engine.scalars.alpha, old_engine.scalars.lr)
+        self._engine.load_scalar_state(old_engine.scalar_state())
+        if collected:
+            self._engine.ensure_collection()
+            self._engine.collected_count = old_engine.collected_count
+        if old_booster is not None:
+            self._booster.load_state(old_booster.state())
+        self._refresh_state_views()
+        for name, m in self._vector_views().items():
+            for p, v in m.items():
+                old = old_views.get(name, {}).get(p)
+                if old is not None:
+                    v.copy_(old)
+        logger.info("elra: parameter layout rebuilt (%d buffers, %d elements)",
+                    len(self._buffers), sum(b.numel for b in self._buffers))
+
+    # --- per step -----------------------------------------------------------------------------
+    def _begin_call(self) -> None:
+        if self._signature() != self._signature_cache or any(
+                b.params_moved() for b in self._buffers):
+            self._rebuild()
+        shown = self._shown_lr
+        if any(g["lr"] != shown for g in self.param_groups):
+            if not self._scheduler_warned:
+                self._scheduler_warned = True
+                warnings.warn("ElraOptimizer sets its own step length; a change of "
+                              "param_groups[...]['lr'] (e.g. by an LR scheduler) is ignored",
+                              UserWarning, stacklevel=3)
+            for g in self.param_groups:
+                g["lr"] = shown
+
+    def _publish_lr(self) -> None:
+        s = self._engine.scalars.step_size if self._control.started else self._shown_lr
+        self._shown_lr = float(s)
+        for g in self.param_groups:
+            g["lr"] = self._shown_lr
+
+    @torch.no_grad()
+    def step(self, loss: Union[float, torch.Tensor, Callable, None] = None,
+             scale: Optional[float] = None, closure: Optional[Callable] = None):
+        """Take one ELRA step (or collect one gradient) given this call's loss.
+
+        Args:
+            loss: the loss of the current mini-batch at the current parameters, as a float or a
+                one-element tensor (``loss.item()`` is fine); or a closure (also accepted as
+                ``closure=``) that zeroes gradients, computes the loss, calls ``backward()`` and
+                returns it. A NaN/inf loss makes the step a retrace (like :meth:`step_retrace`).
+            scale: the factor the gradients are multiplied by (loss scaling); ELRA divides by it
+                once. ``None`` means 1. Must be finite and > 0.
+
+        Returns the loss (the closure's result when a closure was given).
+        Raises ``TypeError`` when no loss was given or it is not a number, ``ValueError`` for a
+        tensor of several elements. A non-finite or missing gradient never reaches the
+        parameters: the step becomes a retrace. ``last_outcome`` tells what the call did.
+        """
+        if loss is not None and callable(loss) and not isinstance(loss, torch.Tensor):
+            if closure is not None:
+                raise TypeError("pass either a loss or a closure to step(), not both")
+            loss, closure = None, loss
+        if closure is not None:
+            if loss is not None:
+                raise TypeError("pass either a loss or a closure to step(), not both")
+            with torch.enable_grad():
+                loss = closure()
+        if loss is None:
+            raise TypeError(_NEED_LOSS)
+        f = _loss_to_float(loss)
+        inv = 1.0
+        if scale is not None:
+            s = _loss_to_float(scale, "scale")
+            if not (math.isfinite(s) and s > 0.0):
+                raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+            inv = 1.0 / s
+        self._begin_call()
+        self._step(f, inv)
+        self._publish_lr()
+        return loss
+
+    def _step(self, f: float, inv: float) -> None:
+        ctl, eng = self._control, self._engine
+        if not math.isfinite(f):
+            return self._fail(f, with_gradient=False, reason="retrace_loss")
+        present = sum(b.sync_grads() for b in self._buffers)
+        if present == 0:
+            return self._fail(f, with_gradient=False, reason="retrace_no_gradient")
+        use_collected = ctl.collects > 1
+        f_best = f
+        if use_collected:
+            if not eng.collect(1.0 / ctl.collects, inv):
+                return self._fail(f, with_gradient=True, reason="retrace_gradient")
+            self._losses.append(f)
+            if eng.collected_count < ctl.collects:
+                self.last_outcome = "collected"
+                return
+            f_best = min(self._losses)
+            self._losses = []
+            inv = 1.0
+        if not ctl.started:
+            red = eng.reduce(use_collected, inv, None, 0.0)
+            if not red.finite:
+                return self._fail(f, with_gradient=True, reason="retrace_gradient")
+            ctl.begin_step(with_gradient=True)
+            ctl.first_step(f)
+            ctl.grad_norm_avg = red.grad_norm
+            if self._booster is not None:
+                self._booster.update(self._buffers, f)
+            eng.first_step(red, use_collected, inv)
+            eng.drop_collection()
+            self.last_outcome = "first"
+            return
+        if ctl.begin_step(with_gradient=True):
+            self._close_window()
+        tentative = ctl.accept_test(f_best, f)
+        if tentative is None:
+            return self._retrace(f, "retrace_loss")
+        wd = ctl.weight_decay_coefficients([g["weight_decay"] for g in self.param_groups])
+        red = eng.reduce(use_collected, inv, wd, ctl.grad_norm_avg)
+        if not red.finite:
+            return self._retrace(f, "retrace_gradient")
+        if self._booster is not None:
+            self._booster.update(self._buffers, f)
+        eng.apply(red, use_collected, inv, ctl.accept(tentative, f))
+        eng.drop_collection()
+        self.last_outcome = "accepted"
+
+    def _fail(self, f: float, with_gradient: bool, reason: str) -> None:
+        """A call whose gradient cannot be used: a retrace (nothing to undo before the start)."""
+        self._engine.drop_collection()
+        self._losses = []
+        if not self._control.started:
+            logger.warning("elra: the first step failed (%s, loss %r); parameters unchanged",
+                           reason, f)
+            self.last_outcome = reason
+            return
+        if self._control.begin_step(with_gradient):
+            self._close_window()
+        self._retrace(f, reason)
+
+    def _retrace(self, f: float, reason: str) -> None:
+        ctl = self._control
+        ctl.retrace()
+        self._engine.retrace(f, ctl.f_last)
+        self._engine.drop_collection()
+        self._losses = []
+        self.last_outcome = reason
+        logger.debug("elra: retrace (%s) at step %d, loss %r", reason, ctl.steps, f)
+
+    def _close_window(self) -> None:
+        sc = self._engine.scalars
+        wd_on = any(g["weight_decay"] > 0.0 for g in self.param_groups)
+        self._control.close_window(sc.norm_sum, sc.mean_angle, sc.min_angle, wd_on)
+        sc.reset_window()
+        logger.debug("elra: window at step %d: schedule %.3f, collects %d, grad_norm_avg %.4g",
+                     self._control.steps, self._control.schedule, self._control.collects,
+                     self._control.grad_norm_avg)
+
+    def step_retrace(self, loss: Union[float, torch.Tensor]) -> None:
+        """Declare the current point failed without using (or needing) its gradient.
+
+        Use it when the loss is clearly too high or not finite: ``backward()`` can be skipped.
+        The optimizer goes back to the last accepted point and re-applies the last direction
+        with a smaller step. Any partial gradient collection is dropped. ``loss`` may be NaN.
+        """
+        f = _loss_to_float(loss)
+        self._begin_call()
+        with torch.no_grad():
+            self._fail(f, with_gradient=False, reason="retrace_requested")
+        self._publish_lr()
+
+    # --- weight-decay control and boosting ------------------------------------------------------
+    def set_valid_loss(self, loss: Union[float, torch.Tensor], *_ignored: Any, **_kw: Any) -> None:
+        """Record a validation loss (e.g. once per epoch) for the dynamic weight decay.
+
+        With both :meth:`set_valid_loss` and :meth:`set_train_loss` given and a non-zero weight
+        decay, ELRA decays harder while the validation loss exceeds the training loss. Extra
+        arguments of the reference's signature are accepted and ignored. Raises ``ValueError``
+        for a non-finite loss.
+        """
+        self._control.valid_loss = _finite_loss(loss, "validation loss")
+
+    def set_train_loss(self, loss: Union[float, torch.Tensor], *_ignored: Any, **_kw: Any) -> None:
+        """Record a training loss (e.g. the epoch mean) for the dynamic weight decay."""
+        self._control.train_loss = _finite_loss(loss, "training loss")
+
+    def get_boost_model(self, enable: bool = True, model: Optional[torch.nn.Module] = None,
+                        device: Any = None):
+        """Turn boosting on or off and get the averaged model.
+
+        Boosting keeps an equal-weight running average of the accepted points; it never changes
+        the optimizer's path. Each call that returns a model restarts the average, so calling
+        it once per epoch averages each epoch.
+
+        Returns ``(count, avg_loss, model_copy)``: the number of points averaged, the mean of
+        their losses (NaN if none) and a deep copy of ``model`` (or of the constructor's
+        ``model``) holding the average, on ``device`` if given. ``model_copy`` is ``None`` when
+        boosting was off until now, nothing was averaged yet, or no model is known.
+        ``enable=False`` turns boosting off and frees its buffer.
+        """
+        if not enable:
+            self._booster = None
+            self._refresh_state_views()
+            return 0, float("nan"), None
+        if self._booster is None:
+            self._booster = Booster(self._buffers)
+            self._refresh_state_views()
+            return 0, float("nan"), None
+        b = self._booster
+        count, avg_loss = b.count, b.avg_loss
+        model = model if model is not None else self._model
+        if count == 0 or model is None:
+            return count, avg_loss, None
+        copy_ = b.model_copy(self._buffers, model, torch.device(device) if device else None)
+        b.restart()
+        return count, avg_loss, copy_
+
+    # --- gradients ------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients.
+
+        The gradients of the optimized parameters are views of one flat buffer; they are zeroed
+        in place and stay attached (``p.grad`` is a zero tensor, not ``None``, whatever
+        ``set_to_none`` says), so the next ``backward()`` accumulates straight into the buffer.
+        Other parameters of the groups (frozen ones) follow ``set_to_none``.
+        """
+        for b in self._buffers:
+            b.zero_grad()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) not in self._owned_ids and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+
+    # --- state ----------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "momentum": self._config["momentum"],
+            "control": self._control.to_dict(),
+            "engine": self._engine.scalar_state(),
+            "collected_losses": list(self._losses),
+            "boost": self._booster.state() if self._booster is not None else None,
+            "shown_lr": self._shown_lr,
+            "last_outcome": self.last_outcome,
+        }
+
+    def state_dict(self) -> dict:
+        """The complete state: per-parameter vectors (views of the flat buffers) under
+        ``state`` and the optimizer's scalars under the key ``"elra"`` of every parameter group.
+
+        Only tensors, numbers, strings, lists and dicts: ``torch.load(weights_only=True)``
+        reads it. Calling it changes nothing.
+        """
+        sd = super().state_dict()
+        extra = self._extra_state()
+        for g in sd["param_groups"]:
+            g["elra"] = copy.deepcopy(extra)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        Everything is checked before anything changes: a state of another version, another
+        number of groups or parameters, other shapes, or another set of trainable parameters
+        raises ``ValueError`` and leaves the optimizer as it was.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or \
+                "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer "
+                             f"has {len(self.param_groups)}")
+        extra = groups[0].get("elra") if groups else None
+        if not isinstance(extra, dict):
+            raise ValueError("the state was not saved by ElraOptimizer (no 'elra' entry)")
+        if extra.get("version", 0) > STATE_VERSION:
+            raise ValueError(f"the state has version {extra.get('version')}, newer than this "
+                             f"elra ({STATE_VERSION}); upgrade elra")
+        index: dict[int, torch.nn.Parameter] = {}
+        i = 0
+        for saved, mine in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError("a parameter group of the state has "
+                                 f"{len(saved['params'])} parameters, this one has "
+                                 f"{len(mine['params'])}")
+            for sid, p in zip(saved["params"], mine["params"]):
+                index[sid] = p
+                i += 1
+        control = LossControl.from_dict(extra["control"])
+        trainable = {id(p) for _, p in self._trainable()}
+        saved_state = state_dict["state"]
+        for sid, entry in saved_state.items():
+            p = index.get(sid)
+            if p is None:
+                raise ValueError(f"the state has an entry for unknown parameter {sid!r}")
+            if id(p) not in trainable:
+                raise ValueError("the state holds state for a parameter that is frozen here: "
+                                 "the parameter layout differs")
+            for name, t in entry.items():
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    raise ValueError(f"state '{name}' of a parameter has shape "
+                                     f"{tuple(getattr(t, 'shape', ()))}, the parameter has "
+                                     f"{tuple(p.shape)}")
+        saved_ids = {id(index[sid]) for sid in saved_state}
+        if saved_ids != trainable:
+            raise ValueError(f"the state covers {len(saved_ids)} trainable parameters, this "
+                             f"optimizer has {len(trainable)}: the parameter layout differs")
+        try:
+            momentum = float(extra.get("momentum", 0.0))
+            engine = self._make_engine(1.0, INITIAL_LR, control.stochastic, momentum)
+            engine.load_scalar_state(extra["engine"])
+            booster = None
+            if extra.get("boost") is not None:
+                booster = Booster(self._buffers)
+                booster.load_state(extra["boost"])
+            decays = [normalize_weight_decay(g.get("weight_decay", 0.0)) for g in groups]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"the ELRA state is incomplete or invalid: {e!r}") from None
+        # --- checks passed: apply -----------------------------------------------------------------
+        self._control = control
+        self._config["momentum"] = momentum
+        for saved, mine, wd in zip(groups, self.param_groups, decays):
+            for k, v in saved.items():
+                if k not in ("params", "elra"):
+                    mine[k] = v
+            mine["weight_decay"] = wd
+        self._booster = booster
+        self._engine = engine
+        if any("collected" in e for e in saved_state.values()):
+            engine.ensure_collection()
+            engine.collected_count = int(extra["engine"]["collected_count"])
+        self._losses = [float(v) for v in extra.get("collected_losses", [])]
+        self._shown_lr = float(extra.get("shown_lr", self._shown_lr))
+        self.last_outcome = str(extra.get("last_outcome", "none"))
+        self._refresh_state_views()
+        for sid, entry in saved_state.items():
+            p = index[sid]
+            for name, t in entry.items():
+                if name in self.state[p]:
+                    self.state[p][name].copy_(t)
+        for g in self.param_groups:
+            g["lr"] = self._shown_lr
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _finite_loss(loss: Any, what: str) -> float:
+    f = _loss_to_float(loss, what)
+    if not math.isfinite(f):
+        raise ValueError(f"{what} must be finite, got {f}")
+    return f
