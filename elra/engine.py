@@ -167,7 +167,6 @@ class TorchEngine(Engine):
         return True
 
     def collect(self, weight: float, inv: float) -> bool:
-        self.ensure_collection()
         grads = [b.grad for b in self.buffers]
         gg = sum(_dot(g, g).item() for g in grads) * inv * inv
         if not self._grad_ok(gg):

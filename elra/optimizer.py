@@ -377,6 +377,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         use_collected = ctl.collects > 1
         f_best = f
         if use_collected:
+            if eng.collected is None:  # the batch just grew: the collection needs its buffer
+                eng.ensure_collection()
+                self._refresh_state_views()
             if not eng.collect(1.0 / ctl.collects, inv):
                 return self._fail(f, with_gradient=True, reason="retrace_gradient")
             self._losses.append(f)

@@ -1,0 +1,70 @@
+"""Build script for elra.
+
+The Python package always installs. Native kernels (C++ for CPU, CUDA for GPUs) are built from
+``csrc/`` with ``torch.utils.cpp_extension`` when sources are present there; the pure-torch
+engine works without them. Environment switches:
+
+* ``ELRA_NATIVE=0`` skips the native build, ``ELRA_NATIVE=cpu`` / ``cuda`` forces a CPU / CUDA build
+  (default: CUDA when a CUDA toolkit and a CUDA build of torch are present, else CPU).
+* ``MAX_JOBS`` limits parallel compile jobs (read by torch's build helper).
+
+Build with the installed torch: ``pip install --no-build-isolation -e .``
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def native_extensions():
+    """The extension modules to build, or none when ``csrc/`` has no sources or it is switched off."""
+    choice = os.environ.get("ELRA_NATIVE", "auto").lower()
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if choice in ("0", "off", "no") or not cpp:
+        return [], {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch
+
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.version.cuda is not None
+                                    and CUDA_HOME is not None and bool(cu))
+    flags = {"cxx": ["-O3", "-std=c++17"]}
+    if use_cuda:
+        flags["nvcc"] = ["-O3", "--use_fast_math"]
+        ext = CUDAExtension("elra._C", cpp + cu, extra_compile_args=flags)
+    else:
+        ext = CppExtension("elra._C", cpp, extra_compile_args=flags)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = native_extensions()
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+    long_description = fh.read()
+
+setup(
+    name="elra",
+    version="0.1.0",
+    description="ELRA/P2M: a self-tuning gradient descent optimizer for PyTorch",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="GPL-3.0-or-later",
+    packages=find_packages(include=["elra", "elra.*"]),
+    package_data={"elra": ["docs/*.md"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.1"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "numpy", "scikit-learn"],
+        "bench": ["tqdm", "matplotlib", "numpy", "scikit-learn"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    classifiers=[
+        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,80 @@
+"""Shared helpers: small problems with known answers."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from elra import ElraOptimizer
+
+
+def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def rosenbrock_steps(start=(0.3, 0.8), lr=1e-6, limit=1e-4, budget=200, dtype=torch.float32):
+    """Calls of step() until the loss first falls below ``limit`` (ELRA, deterministic)."""
+    x = torch.nn.Parameter(torch.tensor(start, dtype=dtype))
+    opt = ElraOptimizer([x], lr=lr, regime="deterministic")
+    thresholds = []
+    for i in range(budget):
+        opt.zero_grad()
+        loss = rosenbrock(x)
+        if loss.item() < limit:
+            return i, thresholds, opt
+        loss.backward()
+        opt.step(loss.item())
+        thresholds.append(opt._control.threshold())
+    return budget, thresholds, opt
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    return X, y
+
+
+def mlp(seed=0, hidden=128):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, 10))
+
+
+def train_digits(X, y, make_opt, seed=0, epochs=20, batch=32, model=None, dtype=torch.float32):
+    """Train the 64-128-10 MLP on a 1400/397 split; return (train loss, test accuracy, model, opt)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(X), generator=g)
+    Xtr, ytr, Xte, yte = X[perm[:1400]], y[perm[:1400]], X[perm[1400:]], y[perm[1400:]]
+    model = model if model is not None else mlp(seed)
+    model = model.to(dtype)
+    opt = make_opt(model)
+    lf = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        p = torch.randperm(1400, generator=g)
+        for i in range(0, 1400, batch):
+            idx = p[i:i + batch]
+            opt.zero_grad()
+            loss = lf(model(Xtr[idx].to(dtype)).float(), ytr[idx])
+            loss.backward()
+            opt.step(loss.item())
+    with torch.no_grad():
+        tl = lf(model(Xtr.to(dtype)).float(), ytr).item()
+        acc = (model(Xte.to(dtype)).argmax(1) == yte).float().mean().item()
+    return tl, acc, model, opt
+
+
+def roundtrip(obj):
+    """torch.save + torch.load(weights_only=True) through memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)

@@ -1,0 +1,402 @@
+"""The optimizer's API: construction, the loss argument, bad input, gradients, groups."""
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+import elra
+from elra import ElraOptimizer, get_user_manual_path
+from conftest import all_finite, rosenbrock
+
+
+def quad_setup(n=5, **kw):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(n))
+    kw.setdefault("regime", "stochastic")
+    return p, ElraOptimizer([p], **kw)
+
+
+def quad_step(p, opt, target=None):
+    opt.zero_grad()
+    loss = ((p - (target if target is not None else 1.0)) ** 2).sum()
+    loss.backward()
+    opt.step(loss.item())
+    return loss.item()
+
+
+# --- construction -------------------------------------------------------------------------------
+def test_public_imports_and_manual():
+    assert {"ElraOptimizer", "ElraGradScaler", "get_user_manual_path"} <= set(elra.__all__)
+    path = get_user_manual_path()
+    assert os.path.isfile(path) and path.endswith(".md")
+
+
+def test_seed_positional_call():
+    model = torch.nn.Linear(3, 2)
+    opt = ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5, weight_decay=0.99999)
+    assert opt.regime == "stochastic"
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(1e-5)
+    assert opt.param_groups[0]["lr"] == 1e-5
+    assert opt._control.batch_size == 32 and opt._control.classes == 10
+
+
+def test_seed_keyword_calls():
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="regime"):
+        ElraOptimizer(model.parameters(), model=model, lr=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ElraOptimizer(model.parameters(), lr=1e-4, warmup=10).regime == "stochastic"
+        assert ElraOptimizer(model.parameters(), momentum=0.5,
+                             regime="deterministic").regime == "deterministic"
+        assert ElraOptimizer(model.parameters(), classes=0).regime == "deterministic"
+
+
+@pytest.mark.parametrize("mode", ["P2M", "p2min", "p2m"])
+def test_mode_p2m(mode):
+    ElraOptimizer(torch.nn.Linear(2, 2).parameters(), mode=mode, regime="stochastic")
+
+
+@pytest.mark.parametrize("mode", ["C2M", "c2min"])
+def test_mode_c2m_discontinued(mode):
+    with pytest.raises(ValueError, match="discontinued"):
+        ElraOptimizer(torch.nn.Linear(2, 2).parameters(), mode=mode, regime="stochastic")
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    ({"lr": -1e-3}, ValueError, "lr"), ({"lr": 0.0}, ValueError, "lr"),
+    ({"lr": math.nan}, ValueError, "lr"), ({"lr": "1e-3"}, ValueError, "lr"),
+    ({"weight_decay": 0.3}, ValueError, "weight_decay"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"momentum": 1.0}, ValueError, "momentum"), ({"warmup": -1}, ValueError, "warmup"),
+    ({"batch_size": -2}, ValueError, "batch_size"), ({"collects": 0}, ValueError, "collects"),
+    ({"regime": "full"}, ValueError, "regime"), ({"engine": "gpu"}, ValueError, "engine"),
+    ({"engine": "native"}, RuntimeError, "native"), ({"mode": "X"}, ValueError, "mode"),
+])
+def test_bad_arguments(kw, err, match):
+    kw = {"regime": "stochastic", **kw}
+    with pytest.raises(err, match=match):
+        ElraOptimizer(torch.nn.Linear(2, 2).parameters(), **kw)
+
+
+def test_bad_parameter_lists():
+    with pytest.raises(ValueError, match="empty"):
+        ElraOptimizer([], regime="stochastic")
+    with pytest.raises(TypeError, match="floating point"):
+        ElraOptimizer([torch.zeros(3, dtype=torch.int64)], regime="stochastic")
+    with pytest.raises(TypeError, match="complex"):
+        ElraOptimizer([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))],
+                      regime="stochastic")
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        ElraOptimizer([a, b], regime="stochastic")
+    with pytest.raises(ValueError, match="no trainable"):
+        ElraOptimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)],
+                      regime="stochastic")
+    with pytest.raises(ValueError, match="twice"):
+        ElraOptimizer([a, a], regime="stochastic")
+
+
+def test_groups_on_different_devices_are_fine():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = ElraOptimizer([{"params": [a]}, {"params": [b], "weight_decay": 1e-4}],
+                        regime="stochastic")
+    assert len(opt._buffers) == 2  # one flat buffer per dtype
+
+
+# --- the loss argument --------------------------------------------------------------------------
+def test_step_without_loss_names_the_ways():
+    p, opt = quad_setup()
+    ((p - 1) ** 2).sum().backward()
+    with pytest.raises(TypeError) as e:
+        opt.step()
+    for word in ("step(loss)", "closure", "ElraGradScaler"):
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize("loss,err", [("1.0", TypeError), (b"1", TypeError), (True, TypeError),
+                                      (torch.ones(3), ValueError), ([1.0], TypeError),
+                                      (torch.ones(1, dtype=torch.complex64), TypeError)])
+def test_bad_loss_values(loss, err):
+    p, opt = quad_setup()
+    ((p - 1) ** 2).sum().backward()
+    before = p.detach().clone()
+    with pytest.raises(err):
+        opt.step(loss)
+    assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("kind", ["tensor0", "tensor1", "numpy", "int"])
+def test_loss_kinds_give_identical_steps(kind):
+    import numpy as np
+    convert = {"tensor0": lambda t: t.detach(), "tensor1": lambda t: t.detach()[None],
+               "numpy": lambda t: np.float64(t.item()), "int": lambda t: round(t.item())}[kind]
+    finals = []
+    for k in ("float", kind):
+        p, opt = quad_setup()
+        for _ in range(5):
+            opt.zero_grad()
+            loss = ((p - 1) ** 2).sum()
+            loss.backward()
+            v = convert(loss)
+            opt.step(float(v) if k == "float" else v)
+        finals.append(p.detach().clone())
+    assert torch.equal(*finals)
+
+
+def test_closure_positional_and_keyword():
+    results = []
+    for how in ("positional", "keyword"):
+        p, opt = quad_setup()
+
+        def closure():
+            opt.zero_grad()
+            loss = ((p - 1) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(10):
+            out = opt.step(closure) if how == "positional" else opt.step(closure=closure)
+            assert isinstance(out, torch.Tensor)
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
+    with pytest.raises(TypeError, match="not both"):
+        opt.step(1.0, closure=closure)
+
+
+# --- failed steps ---------------------------------------------------------------------------------
+def run_quad(n_steps, bad_at=None, bad="loss"):
+    p, opt = quad_setup(regime="deterministic", lr=1e-2)
+    outcomes = []
+    for i in range(n_steps):
+        opt.zero_grad()
+        loss = ((p - 1) ** 2).sum()
+        loss.backward()
+        f = loss.item()
+        if i == bad_at:
+            if bad == "loss":
+                f = math.nan
+            elif bad == "grad":
+                p.grad[0] = math.inf
+            elif bad == "nan_grad":
+                p.grad[1] = math.nan
+            elif bad == "none":
+                p.grad = None
+            elif bad == "retrace":
+                opt.step_retrace(f)
+                outcomes.append(opt.last_outcome)
+                continue
+        opt.step(f)
+        outcomes.append(opt.last_outcome)
+    return p, opt, outcomes
+
+
+@pytest.mark.parametrize("bad,outcome", [("loss", "retrace_loss"), ("grad", "retrace_gradient"),
+                                         ("nan_grad", "retrace_gradient"),
+                                         ("none", "retrace_no_gradient"),
+                                         ("retrace", "retrace_requested")])
+def test_failed_step_retraces_and_never_writes_nan(bad, outcome):
+    p, opt, outcomes = run_quad(6, bad_at=5, bad=bad)
+    assert outcomes[-1] == outcome
+    assert all_finite([p])
+    eng = opt._engine
+    # back at the last good point, moved along the last direction by the (shrunk) new step
+    x_good = eng.retrace_point[0]
+    expected = torch.add(x_good, eng.direction[0], alpha=-eng.scalars.step_size)
+    assert torch.equal(p.detach(), expected)
+    assert opt._control.retraces_total == 1
+    # and training goes on to the optimum
+    for _ in range(40):
+        quad_step(p, opt)
+    assert ((p - 1) ** 2).sum().item() < 1e-6
+
+
+def test_failure_on_the_very_first_call_leaves_parameters():
+    p, opt = quad_setup()
+    before = p.detach().clone()
+    p.grad = torch.full_like(p, math.nan)
+    opt.step(1.0)
+    assert torch.equal(p, before) and opt.last_outcome == "retrace_gradient"
+    opt.step_retrace(math.nan)
+    assert torch.equal(p, before) and not opt._control.started
+
+
+def test_sparse_gradient_error():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ElraOptimizer(emb.parameters(), regime="stochastic")
+    emb.weight.grad = None
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(1.0)
+
+
+# --- gradients, frozen and unused parameters ----------------------------------------------------
+def test_frozen_and_unused_parameters_untouched():
+    torch.manual_seed(0)
+    used, unused, frozen = (torch.nn.Linear(4, 1) for _ in range(3))
+    for q in frozen.parameters():
+        q.requires_grad_(False)
+    params = [*used.parameters(), *unused.parameters(), *frozen.parameters()]
+    opt = ElraOptimizer(params, regime="stochastic", weight_decay=0.0)
+    snap = [q.detach().clone() for q in (*unused.parameters(), *frozen.parameters())]
+    x = torch.randn(16, 4)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((used(x) + frozen(x)) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+    for q, s in zip((*unused.parameters(), *frozen.parameters()), snap):
+        assert torch.equal(q, s)
+    assert all(q.grad is None for q in frozen.parameters())
+
+
+def test_model_zero_grad_set_to_none_is_equivalent():
+    results = []
+    for how in ("optimizer", "model"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = ElraOptimizer(model.parameters(), regime="stochastic", lr=1e-3)
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        for _ in range(30):
+            (opt if how == "optimizer" else model).zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step(loss)
+        results.append([q.detach().clone() for q in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_parameters_are_views_of_one_buffer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = ElraOptimizer(model.parameters(), regime="stochastic")
+    ptrs = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    gptrs = {q.grad.untyped_storage().data_ptr() for q in model.parameters()}
+    sptrs = {opt.state[q]["direction"].untyped_storage().data_ptr() for q in model.parameters()}
+    assert len(ptrs) == len(gptrs) == len(sptrs) == 1
+
+
+def test_model_moved_after_construction_rebuilds():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = ElraOptimizer(model.parameters(), regime="stochastic", lr=1e-3)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for i in range(10):
+        if i == 5:
+            model.to(torch.float64)
+            x, y = x.double(), y.double()
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+        assert opt.last_outcome in ("first", "accepted")
+    assert opt._buffers[0].dtype == torch.float64
+    assert {q.untyped_storage().data_ptr() for q in model.parameters()} == {
+        opt._buffers[0].data.untyped_storage().data_ptr()}
+
+
+def test_unfreezing_rebuilds_and_trains_the_new_parameters():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    b.requires_grad_(False)
+    opt = ElraOptimizer([*a.parameters(), *b.parameters()], regime="stochastic", lr=1e-3)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for i in range(20):
+        if i == 10:
+            b.requires_grad_(True)
+            snap = b.weight.detach().clone()
+        opt.zero_grad()
+        loss = ((a(x) + b(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+    assert not torch.equal(snap, b.weight)
+
+
+# --- groups, weight decay, lr display ---------------------------------------------------------
+def test_group_weight_decay_applies_only_to_its_group():
+    torch.manual_seed(0)
+    decayed, plain = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    opt = ElraOptimizer([{"params": decayed.parameters(), "weight_decay": 0.05},
+                         {"params": plain.parameters()}], regime="stochastic", lr=1e-3)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    x = torch.randn(8, 4)
+    for i in range(3):
+        opt.zero_grad()
+        loss = (decayed(x) ** 2).mean() + (plain(x) ** 2).mean()
+        loss.backward()
+        old = {q: q.detach().clone() for q in (*decayed.parameters(), *plain.parameters())}
+        opt.step(loss)
+    # the stored direction is g' = g (+ c * x_old for the decayed group)
+    for q in plain.parameters():
+        assert torch.equal(opt.state[q]["direction"], q.grad)
+    for q in decayed.parameters():
+        diff = opt.state[q]["direction"] - q.grad
+        c = (diff.flatten() @ old[q].flatten()) / (old[q].flatten() @ old[q].flatten())
+        assert c > 0 and torch.allclose(diff, c * old[q], atol=1e-6)
+
+
+def test_add_param_group_later_keeps_state():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    opt = ElraOptimizer(a.parameters(), regime="stochastic", lr=1e-3)
+    x = torch.randn(8, 4)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (a(x) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+    d_before = opt.state[a.weight]["direction"].clone()
+    steps_before = opt._control.steps
+    opt.add_param_group({"params": b.parameters(), "weight_decay": 0.9999})
+    assert opt.param_groups[1]["weight_decay"] == pytest.approx(1e-4)
+    assert torch.equal(opt.state[a.weight]["direction"], d_before)
+    assert torch.equal(opt.state[b.weight]["direction"], torch.zeros_like(b.weight))
+    assert opt._control.steps == steps_before
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (a(x) ** 2).mean() + (b(x) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+    assert opt.last_outcome == "accepted"
+
+
+def test_lr_shows_applied_step_and_schedulers_are_ignored():
+    p, opt = quad_setup(lr=1e-3)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    with pytest.warns(UserWarning, match="ignored"):
+        for _ in range(5):
+            quad_step(p, opt)
+            sched.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        for _ in range(5):
+            quad_step(p, opt)
+            sched.step()
+    quad_step(p, opt)
+    assert opt.param_groups[0]["lr"] == opt._engine.scalars.step_size
+
+
+def test_group_lr_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="one step length"):
+        ElraOptimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5}],
+                      lr=1e-4, regime="stochastic")
+
+
+def test_library_is_silent(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    x = torch.nn.Parameter(torch.tensor([0.3, 0.8]))
+    opt = ElraOptimizer([x], lr=1e-6, regime="deterministic")
+    for _ in range(50):
+        opt.zero_grad()
+        loss = rosenbrock(x)
+        loss.backward()
+        opt.step(loss.item())
+    opt.step_retrace(math.nan)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert list(tmp_path.iterdir()) == []
