@@ -70,7 +70,8 @@ def normalize_weight_decay(value: float) -> float:
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"weight_decay must be finite, got {value!r}")
-    eff = 1.0 - v if v > 0.5 else v
+    # 1 - 0.99999 is 9.99999999995449e-06 in binary floating point; round the artefact away
+    eff = round(1.0 - v, 12) if v > 0.5 else v
     if not (0.0 <= eff < WD_MAX):
         raise ValueError(
             f"weight_decay={value!r} is out of range: give a decay in [0, {WD_MAX}) "
