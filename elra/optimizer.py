@@ -344,6 +344,12 @@ class ElraOptimizer(torch.optim.Optimizer):
         tensor of several elements. A non-finite or missing gradient never reaches the
         parameters: the step becomes a retrace. ``last_outcome`` tells what the call did.
         """
+        if closure is not None and not callable(closure):
+            # wrappers such as ZeroRedundancyOptimizer forward their positional argument as
+            # closure=...; a loss value there is still a loss value
+            if loss is not None:
+                raise TypeError("pass either a loss or a closure to step(), not both")
+            loss, closure = closure, None
         if loss is not None and callable(loss) and not isinstance(loss, torch.Tensor):
             if closure is not None:
                 raise TypeError("pass either a loss or a closure to step(), not both")

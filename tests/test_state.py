@@ -182,3 +182,45 @@ def test_scaler_state_roundtrip():
                            "growth_interval": 1, "_growth_tracker": 0})
     with pytest.raises(ValueError):
         t.load_state_dict({})
+
+
+def test_torch_distributed_checkpoint_state_dict_roundtrip():
+    """DCP's get/set_optimizer_state_dict (FQN-keyed state) restore the run exactly."""
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    model_a, opt_a = make("stochastic", collects=2)
+    train(model_a, opt_a, 0, 41)
+    osd = get_optimizer_state_dict(model_a, opt_a)
+    assert "0.weight" in osd["state"] and "elra" in osd["param_groups"][0]
+    model_b, opt_b = make("stochastic", seed=3)
+    model_b.load_state_dict(model_a.state_dict())
+    set_optimizer_state_dict(model_b, opt_b, copy.deepcopy(osd))
+    train(model_a, opt_a, 41, 80)
+    train(model_b, opt_b, 41, 80)
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_zero_redundancy_optimizer_forwards_the_loss():
+    """ZeroRedundancyOptimizer passes step's argument on as closure=...: a loss still works."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model, _ = make("stochastic")
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ElraOptimizer,
+                                      lr=1e-3, regime="stochastic")
+        lf = torch.nn.CrossEntropyLoss()
+        for i in range(5):
+            x, y = batch(i)
+            opt.zero_grad()
+            loss = lf(model(x), y)
+            loss.backward()
+            opt.step(loss.item())
+        assert opt.optim.last_outcome == "accepted"
+    finally:
+        dist.destroy_process_group()
