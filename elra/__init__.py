@@ -8,13 +8,15 @@ retraces failed steps, grows its batch by gradient collection and controls its w
 import logging
 from pathlib import Path
 
+from ._native import native_status
 from ._version import __version__
 from .optimizer import ElraOptimizer
 from .scaler import ElraGradScaler
 
 logging.getLogger("elra").addHandler(logging.NullHandler())
 
-__all__ = ["ElraOptimizer", "ElraGradScaler", "get_user_manual_path", "__version__"]
+__all__ = ["ElraOptimizer", "ElraGradScaler", "get_user_manual_path", "native_status",
+           "__version__"]
 
 
 def get_user_manual_path() -> str:

@@ -213,6 +213,17 @@ class LossControl:
             lr_warmup=self.lr_damp * self.warmup_factor * self.steps,
         )
 
+    _ACCEPT_FIELDS = ("dev_correction", "sum_f", "sum_var", "mean_ref", "dev_ref", "f_last",
+                      "growth_damper", "lr_damp")
+
+    def snapshot(self) -> tuple:
+        """What :meth:`accept` changes, to undo an accept whose gradient turns out non-finite."""
+        return tuple(getattr(self, k) for k in self._ACCEPT_FIELDS)
+
+    def restore(self, snap: tuple) -> None:
+        for k, v in zip(self._ACCEPT_FIELDS, snap):
+            setattr(self, k, v)
+
     def retrace(self) -> None:
         """Scalar bookkeeping of a retrace (point 7); the engine moves the vectors."""
         self.dev_correction *= DEV_CORRECTION_FACTOR

@@ -4,15 +4,19 @@ An engine owns the vectors of the algorithm (the previous direction, the retrace
 gradient collection) and the scalars that follow from them (``alpha``, ``lr``, the window sums of
 the angle terms). Its small interface is all the optimizer uses:
 
-``collect``      add one call's gradient into the collection (``coll += w * g``),
-``reduce``       the reductions of a step (``<g, p>``, ``|g|^2``, and for weight decay
-                 ``<x, p>``, ``<g, x>``, ``|x|^2``), with the finiteness check,
+``collect``      add one call's gradient into the collection (``coll += w * g``); False if the
+                 gradient is not finite,
 ``first_step``   the very first move along the gradient,
-``apply``        the step-size update from the reductions and the update of an accepted step,
-``retrace``      the step-size shrink of a failed step and the move back.
+``accept_step``  an accepted step: the reductions (``<g, p>``, ``|g|^2``, and for weight decay
+                 ``<x, p>``, ``<g, x>``, ``|x|^2``), the step-size update from them, the update;
+                 with a non-finite gradient the engine retraces instead and says so,
+``retrace``      the step-size shrink of a failed step and the move back,
+``window_sums`` / ``set_grad_norm_avg``  what the 100-step control window reads and sets.
 
-:class:`TorchEngine` implements it with plain torch operations (it works everywhere and is the
-ground truth in tests); a native engine implements the same interface with fused kernels.
+The step methods return ``True`` (done), ``False`` (the gradient was not finite) or ``None``
+(not known yet: a device engine may report it later through :meth:`Engine.resolve`).
+:class:`TorchEngine` implements the interface with plain torch operations (it works everywhere and
+is the ground truth in tests); :class:`elra.engine_native.NativeEngine` with fused kernels.
 
 [note: weight decay and loss scaling without touching the gradients]
 The direction of a step is ``g' = inv * g + c * x`` per parameter group (``inv`` undoes loss
@@ -97,6 +101,7 @@ class Engine:
         sc = self.scalars
         return {"alpha": sc.alpha, "lr": sc.lr, "step_size": sc.step_size,
                 "mean_angle": sc.mean_angle, "min_angle": sc.min_angle, "norm_sum": sc.norm_sum,
+                "gna": sc.gna,
                 "dir_sqnorm": self.dir_sqnorm, "dir_scale": self.dir_scale,
                 "collected_count": self.collected_count}
 
@@ -104,6 +109,7 @@ class Engine:
         sc = self.scalars
         for k in ("alpha", "lr", "step_size", "mean_angle", "min_angle", "norm_sum"):
             setattr(sc, k, float(d[k]))
+        sc.gna = float(d.get("gna", 0.0))
         self.dir_sqnorm = float(d["dir_sqnorm"])
         self.dir_scale = float(d["dir_scale"])
         self.collected_count = int(d["collected_count"])
@@ -131,18 +137,33 @@ class Engine:
     def collect(self, weight: float, inv: float) -> bool:
         raise NotImplementedError
 
-    def reduce(self, use_collected: bool, inv: float, wd: Optional[list[float]],
-               grad_norm_avg: float) -> Reductions:
+    def first_step(self, use_collected: bool, inv: float, booster, f: float) -> Optional[bool]:
         raise NotImplementedError
 
-    def first_step(self, red: Reductions, use_collected: bool, inv: float) -> None:
+    def accept_step(self, use_collected: bool, inv: float, wd: Optional[list[float]],
+                    inputs: StepInputs, f: float, f_last: float, booster) -> Optional[bool]:
         raise NotImplementedError
 
-    def apply(self, red: Reductions, use_collected: bool, inv: float, inputs: StepInputs) -> float:
+    def retrace(self, f: float, f_last: float) -> None:
         raise NotImplementedError
 
-    def retrace(self, f: float, f_last: float) -> float:
-        raise NotImplementedError
+    def resolve(self) -> Optional[bool]:
+        """The outcome of the last step whose outcome was reported as ``None``."""
+        return None
+
+    def window_sums(self) -> tuple[float, float, float]:
+        """``(norm_sum, mean_angle, min_angle)`` of the current window."""
+        sc = self.scalars
+        return sc.norm_sum, sc.mean_angle, sc.min_angle
+
+    def set_grad_norm_avg(self, value: float) -> None:
+        """Start a new window with the given ``grad_norm_avg`` (used by weight decay)."""
+        self.scalars.reset_window()
+        self.scalars.gna = value
+
+    @property
+    def step_size(self) -> float:
+        return self.scalars.step_size
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -180,7 +201,7 @@ class TorchEngine(Engine):
         self.collected_count += 1
         return True
 
-    def reduce(self, use_collected, inv, wd, grad_norm_avg):
+    def reduce(self, use_collected: bool, inv: float, wd: Optional[list[float]]) -> Reductions:
         srcs = self._sources(use_collected)
         if wd is None:
             parts = [torch.stack([_dot(g, d), _dot(g, g)]) for g, d in zip(srcs, self.direction)]
@@ -203,7 +224,7 @@ class TorchEngine(Engine):
         if not self._grad_ok(gg_raw):
             return Reductions(finite=False)
         xx = sum(r[4] for rows in seg_vals for r in rows)
-        gna = grad_norm_avg if grad_norm_avg > 0.0 else math.sqrt(gg_raw)
+        gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
         kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
         gd = gg = 0.0
         coefs = []
@@ -243,20 +264,33 @@ class TorchEngine(Engine):
                 xg.copy_(buf.data)
             buf.data.add_(d, alpha=-step)
 
-    def first_step(self, red, use_collected, inv):
+    def first_step(self, use_collected, inv, booster, f):
+        red = self.reduce(use_collected, inv, None)
+        if not red.finite:
+            return False
+        if booster is not None:
+            booster.update(self.buffers, f)
         self._write_direction(red, use_collected, inv, 0.0)  # the first direction is g itself
         self.dir_sqnorm, self.dir_scale = red.gg, 1.0
+        self.scalars.gna = red.grad_norm
         self.scalars.step_size = self.scalars.alpha
         self._move(self.scalars.alpha)
+        return True
 
-    def apply(self, red, use_collected, inv, inputs):
+    def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
+        red = self.reduce(use_collected, inv, wd)
+        if not red.finite:
+            self.retrace(f, f_last)
+            return False
+        if booster is not None:
+            booster.update(self.buffers, f)
         S = self._angle_term(red.gd)
         step = accepted_update(self.scalars, S, red.grad_norm, inputs, self.stochastic)
         self._write_direction(red, use_collected, inv, self.momentum)
         self._next_direction_scalars(red)
         self._move(step)
         self.scalars.norm_sum += self.p_norm()
-        return step
+        return True
 
     def retrace(self, f, f_last):
         old = self.scalars.step_size
@@ -268,4 +302,3 @@ class TorchEngine(Engine):
             else:
                 buf.data.add_(d, alpha=old - new)
         self.scalars.norm_sum += self.p_norm()
-        return new

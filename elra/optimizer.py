@@ -20,6 +20,7 @@ import torch
 from .boost import Booster
 from .control import INITIAL_LR, MAX_COLLECTS, LossControl, normalize_weight_decay
 from .engine import Engine, TorchEngine
+from .engine_native import NativeEngine
 from .flat_buffer import FlatBuffer
 
 logger = logging.getLogger("elra")
@@ -108,8 +109,10 @@ class ElraOptimizer(torch.optim.Optimizer):
             because the deterministic regime barely trains a network on mini-batches.
         collects: initial number of calls whose gradients are averaged into one step (default 1);
             ELRA doubles it by itself when progress stalls.
-        engine: ``"auto"`` (default), ``"torch"`` (pure torch) or ``"native"`` (fused kernels;
-            raises ``RuntimeError`` if they are not built).
+        engine: ``"auto"`` (default: the fused native kernels when they are built for the
+            parameters' device, else pure torch), ``"torch"`` or ``"native"`` (raises
+            ``RuntimeError`` when the native kernels cannot run here). ``engine_name`` and
+            :func:`elra.native_status` tell which is used and why.
 
     A step needs the loss: ``step(loss)``, ``step(closure)`` or :class:`ElraGradScaler`.
     ``param_groups[i]["lr"]`` always shows the step length currently applied; changes made to it
@@ -151,6 +154,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._scheduler_warned = False
         self._booster: Optional[Booster] = None
         self.last_outcome = "none"
+        self._pending = None
         self._engine: Engine
         self._buffers: list[FlatBuffer] = []
         self._build(alpha=float(lr), lr=INITIAL_LR)
@@ -257,11 +261,24 @@ class ElraOptimizer(torch.optim.Optimizer):
 
     def _make_engine(self, alpha: float, lr: float, stochastic: bool, momentum: float) -> Engine:
         choice = self._config["engine"]
-        if choice == "native":
-            raise RuntimeError("engine='native' was asked for, but the native kernels are not "
-                               "part of this build; use engine='auto' or 'torch'")
-        return TorchEngine(self._buffers, stochastic=stochastic, momentum=momentum,
-                           alpha=alpha, lr=lr)
+        kw = dict(stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
+        if choice != "torch":
+            reason = NativeEngine.supports(self._buffers)
+            if reason is None:
+                engine: Engine = NativeEngine(self._buffers, **kw)
+            elif choice == "native":
+                raise RuntimeError(f"engine='native' was asked for, but {reason}; use "
+                                   f"engine='auto' or 'torch'")
+            else:
+                engine = TorchEngine(self._buffers, **kw)
+                logger.info("elra: using the pure-torch engine: %s", reason)
+        else:
+            engine = TorchEngine(self._buffers, **kw)
+        if engine.name != getattr(self, "_logged_engine", None):
+            self._logged_engine = engine.name
+            logger.info("elra: %s engine on %s", engine.name,
+                        ", ".join(sorted({str(b.device) for b in self._buffers})))
+        return engine
 
     def _vector_views(self) -> dict[str, dict[torch.nn.Parameter, torch.Tensor]]:
         """Every per-parameter state vector, by name, as views of the flat state buffers."""
@@ -321,7 +338,7 @@ class ElraOptimizer(torch.optim.Optimizer):
                 g["lr"] = shown
 
     def _publish_lr(self) -> None:
-        s = self._engine.scalars.step_size if self._control.started else self._shown_lr
+        s = self._engine.step_size if self._control.started else self._shown_lr
         self._shown_lr = float(s)
         for g in self.param_groups:
             g["lr"] = self._shown_lr
@@ -369,6 +386,7 @@ class ElraOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"scale must be finite and > 0, got {scale!r}")
             inv = 1.0 / s
         self._begin_call()
+        self._resolve()
         self._step(f, inv)
         self._publish_lr()
         return loss
@@ -396,17 +414,11 @@ class ElraOptimizer(torch.optim.Optimizer):
             self._losses = []
             inv = 1.0
         if not ctl.started:
-            red = eng.reduce(use_collected, inv, None, 0.0)
-            if not red.finite:
-                return self._fail(f, with_gradient=True, reason="retrace_gradient")
+            before = ctl.to_dict()
             ctl.begin_step(with_gradient=True)
             ctl.first_step(f)
-            ctl.grad_norm_avg = red.grad_norm
-            if self._booster is not None:
-                self._booster.update(self._buffers, f)
-            eng.first_step(red, use_collected, inv)
+            self._settle(eng.first_step(use_collected, inv, self._booster, f), ("first", before), f)
             eng.drop_collection()
-            self.last_outcome = "first"
             return
         if ctl.begin_step(with_gradient=True):
             self._close_window()
@@ -414,14 +426,41 @@ class ElraOptimizer(torch.optim.Optimizer):
         if tentative is None:
             return self._retrace(f, "retrace_loss")
         wd = ctl.weight_decay_coefficients([g["weight_decay"] for g in self.param_groups])
-        red = eng.reduce(use_collected, inv, wd, ctl.grad_norm_avg)
-        if not red.finite:
-            return self._retrace(f, "retrace_gradient")
-        if self._booster is not None:
-            self._booster.update(self._buffers, f)
-        eng.apply(red, use_collected, inv, ctl.accept(tentative, f))
+        snap, f_last = ctl.snapshot(), ctl.f_last
+        inputs = ctl.accept(tentative, f)
+        done = eng.accept_step(use_collected, inv, wd, inputs, f, f_last, self._booster)
+        self._settle(done, ("accept", snap), f)
         eng.drop_collection()
-        self.last_outcome = "accepted"
+
+    def _settle(self, done: Optional[bool], undo: tuple, f: float) -> None:
+        """Record the engine's outcome of a step; undo the host's optimistic commit if the
+        gradient was not finite (the engine has then already retraced, or not moved at all)."""
+        kind = undo[0]
+        if done is None:  # a device engine tells later (see _resolve)
+            self._pending = (undo, f)
+            self.last_outcome = kind if kind == "first" else "accepted"
+            return
+        self._pending = None
+        if done:
+            self.last_outcome = "first" if kind == "first" else "accepted"
+            return
+        ctl = self._control
+        if kind == "first":
+            self._control = LossControl.from_dict(undo[1])
+            logger.warning("elra: the first step failed (non-finite gradient); parameters "
+                           "unchanged")
+        else:
+            ctl.restore(undo[1])
+            ctl.retrace()
+            logger.debug("elra: retrace (non-finite gradient) at step %d", ctl.steps)
+        self.last_outcome = "retrace_gradient"
+
+    def _resolve(self) -> None:
+        """Settle a step whose outcome the engine reported late; before any new decision."""
+        if self._pending is not None:
+            undo, f = self._pending
+            done = self._engine.resolve()
+            self._settle(True if done is None else done, undo, f)
 
     def _fail(self, f: float, with_gradient: bool, reason: str) -> None:
         """A call whose gradient cannot be used: a retrace (nothing to undo before the start)."""
@@ -438,18 +477,18 @@ class ElraOptimizer(torch.optim.Optimizer):
 
     def _retrace(self, f: float, reason: str) -> None:
         ctl = self._control
-        ctl.retrace()
         self._engine.retrace(f, ctl.f_last)
+        ctl.retrace()
         self._engine.drop_collection()
         self._losses = []
         self.last_outcome = reason
         logger.debug("elra: retrace (%s) at step %d, loss %r", reason, ctl.steps, f)
 
     def _close_window(self) -> None:
-        sc = self._engine.scalars
+        norm_sum, mean_angle, min_angle = self._engine.window_sums()
         wd_on = any(g["weight_decay"] > 0.0 for g in self.param_groups)
-        self._control.close_window(sc.norm_sum, sc.mean_angle, sc.min_angle, wd_on)
-        sc.reset_window()
+        self._control.close_window(norm_sum, mean_angle, min_angle, wd_on)
+        self._engine.set_grad_norm_avg(self._control.grad_norm_avg)
         logger.debug("elra: window at step %d: schedule %.3f, collects %d, grad_norm_avg %.4g",
                      self._control.steps, self._control.schedule, self._control.collects,
                      self._control.grad_norm_avg)
@@ -463,6 +502,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         """
         f = _loss_to_float(loss)
         self._begin_call()
+        self._resolve()
         with torch.no_grad():
             self._fail(f, with_gradient=False, reason="retrace_requested")
         self._publish_lr()
@@ -551,8 +591,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         ``state`` and the optimizer's scalars under the key ``"elra"`` of every parameter group.
 
         Only tensors, numbers, strings, lists and dicts: ``torch.load(weights_only=True)``
-        reads it. Calling it changes nothing.
+        reads it. Calling it changes nothing (beyond waiting for a device's last step).
         """
+        self._resolve()
         sd = super().state_dict()
         extra = self._extra_state()
         for g in sd["param_groups"]:

@@ -31,6 +31,7 @@ class Scalars:
     mean_angle: float = 0.0  # sum over the window of min(0, alpha * S)
     min_angle: float = 0.0
     norm_sum: float = 0.0  # sum over the window of |p| after each step
+    gna: float = 0.0  # grad_norm_avg: |g| of the first step, then the window average of |p|
 
     def reset_window(self) -> None:
         self.mean_angle = 0.0

@@ -1,0 +1,236 @@
+// elra_math.h: the scalar and element-wise math of ELRA, shared by the CPU and CUDA kernels.
+//
+// Plain C++ with no torch (or CUDA runtime) headers, so that a .cu file including it compiles
+// with nothing but nvcc. Everything here is a pure function of its arguments; the Python module
+// elra/stepsize.py is the ground truth these functions are tested against.
+//
+// [note: the scalar slots]
+// The engine keeps its scalar state in one float64 tensor on the parameters' device. The step-size
+// update (finalize) reads the reductions and the host's inputs and rewrites the slots; the
+// element-wise update kernel then reads its mode and step sizes from the same tensor, so a normal
+// step needs no host round trip.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ELRA_HD __host__ __device__ __forceinline__
+#else
+#define ELRA_HD inline
+#endif
+
+namespace elra {
+
+// --- scalar slots of the state tensor -----------------------------------------------------------
+enum Slot : int {
+  ALPHA = 0,       // alpha: estimate of the ideal step along the gradient
+  LR = 1,          // lr: the damped, scheduled step (stochastic regime)
+  STEP = 2,        // step size last applied along the direction
+  MEAN_ANGLE = 3,  // window sum of min(0, alpha * S)
+  MIN_ANGLE = 4,   // window minimum of alpha * S
+  NORM_SUM = 5,    // window sum of |p|
+  DIR_SQ = 6,      // |d|^2 of the stored direction
+  DIR_SCALE = 7,   // p = DIR_SCALE * d
+  GNA = 8,         // grad_norm_avg (set by the host at windows, by the first step before)
+  STATUS = 9,      // outcome of the last call, see Status
+  MODE = 10,       // what the update kernel does, see Mode
+  MOVE_S = 11,     // step size of the update kernel
+  MOVE_T = 12,     // second step size (algebraic retrace: x += (MOVE_T - MOVE_S) d)
+  INV = 13,        // factor undoing loss scaling, for the update kernel
+  GRAD_SQ = 14,    // |inv * g|^2 of the last reduction or collection
+  NUM_SLOTS = 16
+};
+
+enum Status : int { ST_OK = 0, ST_RETRACE = 1, ST_BAD_GRADIENT = 2, ST_NONE = 3 };
+enum Mode : int { MODE_NONE = 0, MODE_STEP = 1, MODE_RETRACE_COPY = 2, MODE_RETRACE_ALGEBRAIC = 3 };
+
+// --- constants (names as in elra/control.py and elra/stepsize.py) -------------------------------
+constexpr double CLIP = 10.0;
+constexpr double LR_MIN = 1e-5;
+constexpr double ALPHA_MIN = 1e-8;
+constexpr double ALPHA_MAX = 1e6;
+constexpr double RETRACE_ALPHA_MIN = 1e-12;
+constexpr double ANGLE_CAP = -0.1;
+constexpr double RETRACE_FALLBACK_SHRINK = 0.01;
+constexpr double HALF_GRAD_NORM_LIMIT = 65e3;
+constexpr int MAX_SEGMENTS = 64;
+constexpr int RED_WIDTH = 5;  // per segment: <g,d>, |g|^2, <x,d>, <g,x>, |x|^2
+
+// What the host passes to finalize (all known on the host without reading the device).
+struct FinalizeParams {
+  double growth;       // G
+  double lr_schedule;  // lr_damp * (2/3)^(schedule + increase)
+  double lr_warmup;    // lr_damp * warmup_factor * steps
+  double inv;          // 1 / loss scale
+  double momentum;     // beta
+  double f;            // loss of this call (for the deterministic retrace parabola)
+  double f_last;       // loss of the last accepted point
+  int stochastic;      // regime
+  int kind;            // KIND_* below
+  int with_x;          // weight decay active: reductions hold the x terms
+  int half;            // half-precision buffer: the 65e3 gradient-norm limit applies
+  int keep_copy;       // a retrace-point copy exists
+  int nseg;            // segments
+  double wd[MAX_SEGMENTS];  // per segment weight-decay base (times kappa = gna / |x|)
+};
+
+enum Kind : int { KIND_FIRST = 0, KIND_ACCEPT = 1, KIND_RETRACE = 2 };
+
+ELRA_HD bool finite(double v) { return v == v && v - v == 0.0; }
+
+// Point 6: alpha/lr update of an accepted step; returns the step size to apply.
+ELRA_HD double accepted_update(double* s, double S, double grad_norm, const FinalizeParams& p) {
+  const double h = 1.0 - S;
+  double alpha = s[ALPHA];
+  if (p.growth * h < 1.0) {
+    alpha *= p.growth;
+  } else {
+    alpha = (p.stochastic ? s[LR] : alpha) / h;
+  }
+  double lr = p.lr_schedule < p.lr_warmup ? p.lr_schedule : p.lr_warmup;
+  if (lr < LR_MIN) lr = LR_MIN;
+  if (lr * grad_norm > CLIP) lr = CLIP / grad_norm;
+  s[LR] = lr;
+  if (p.stochastic && S > 0.0 && lr / S < alpha) alpha = lr / S;
+  const double a = alpha * S;
+  s[MEAN_ANGLE] += a < 0.0 ? a : 0.0;
+  if (a < s[MIN_ANGLE]) s[MIN_ANGLE] = a;
+  if (a < ANGLE_CAP) alpha = ANGLE_CAP / S;
+  alpha = alpha < ALPHA_MIN ? ALPHA_MIN : (alpha > ALPHA_MAX ? ALPHA_MAX : alpha);
+  s[ALPHA] = alpha;
+  s[STEP] = p.stochastic ? s[LR] : alpha;
+  return s[STEP];
+}
+
+// Point 7: shrink the step sizes after a failed step; returns the step size to re-apply.
+ELRA_HD double retrace_update(double* s, double f, double f_last, double p_sq, int stochastic) {
+  double lr = s[LR] / 2.0;
+  s[LR] = lr < LR_MIN ? LR_MIN : lr;
+  if (!stochastic) {
+    const double alpha = s[ALPHA];
+    const double d = (f - f_last) + alpha * p_sq;
+    double factor = d > 0.0 ? 0.5 * alpha * p_sq / d : NAN;
+    if (!(finite(factor) && factor > 0.0)) factor = RETRACE_FALLBACK_SHRINK;
+    double na = alpha * factor;
+    na = na < RETRACE_ALPHA_MIN ? RETRACE_ALPHA_MIN : (na > ALPHA_MAX ? ALPHA_MAX : na);
+    s[ALPHA] = na;
+  }
+  s[STEP] = stochastic ? s[LR] : s[ALPHA];
+  return s[STEP];
+}
+
+ELRA_HD double p_norm(const double* s) {
+  const double sq = s[DIR_SQ] > 0.0 ? s[DIR_SQ] : 0.0;
+  return (s[DIR_SCALE] < 0.0 ? -s[DIR_SCALE] : s[DIR_SCALE]) * sqrt(sq);
+}
+
+ELRA_HD void set_retrace(double* s, const FinalizeParams& p, int status) {
+  const double old = s[STEP];
+  const double p_sq = s[DIR_SCALE] * s[DIR_SCALE] * s[DIR_SQ];
+  const double nw = retrace_update(s, p.f, p.f_last, p_sq, p.stochastic);
+  s[NORM_SUM] += p_norm(s);
+  s[MODE] = p.keep_copy ? MODE_RETRACE_COPY : MODE_RETRACE_ALGEBRAIC;
+  s[MOVE_S] = nw;
+  s[MOVE_T] = old;
+  s[STATUS] = status;
+}
+
+// The step-size update of one call, from the reductions `red` (nseg x RED_WIDTH, raw gradient)
+// into the slots `s` and the per-segment decay coefficients `coef`. Mirrors the pure-torch
+// engine: TorchEngine.reduce / apply / first_step / retrace in elra/engine.py.
+ELRA_HD void finalize(const double* red, double* s, double* coef, const FinalizeParams& p) {
+  for (int k = 0; k < p.nseg; ++k) coef[k] = 0.0;
+  s[INV] = p.inv;
+  if (p.kind == KIND_RETRACE) {
+    set_retrace(s, p, ST_RETRACE);
+    return;
+  }
+  double gg_raw = 0.0, xx = 0.0;
+  for (int k = 0; k < p.nseg; ++k) {
+    gg_raw += red[k * RED_WIDTH + 1];
+    xx += red[k * RED_WIDTH + 4];
+  }
+  gg_raw *= p.inv * p.inv;
+  s[GRAD_SQ] = gg_raw;
+  bool ok = finite(gg_raw) && !(p.half && sqrt(gg_raw) >= HALF_GRAD_NORM_LIMIT);
+  if (p.kind == KIND_FIRST) {
+    if (!ok) {
+      s[MODE] = MODE_NONE;
+      s[STATUS] = ST_BAD_GRADIENT;
+      return;
+    }
+    s[DIR_SQ] = gg_raw;
+    s[DIR_SCALE] = 1.0;
+    s[GNA] = sqrt(gg_raw);
+    s[STEP] = s[ALPHA];
+    s[MODE] = MODE_STEP;
+    s[MOVE_S] = s[ALPHA];
+    s[STATUS] = ST_OK;
+    return;
+  }
+  double gd = 0.0, gg = 0.0;
+  if (ok) {
+    double kappa = 0.0;
+    if (p.with_x) {
+      const double gna = s[GNA] > 0.0 ? s[GNA] : sqrt(gg_raw);
+      kappa = xx > 0.0 ? gna / sqrt(xx) : 0.0;
+    }
+    for (int k = 0; k < p.nseg; ++k) {
+      const double* r = red + k * RED_WIDTH;
+      const double c = p.with_x ? p.wd[k] * kappa : 0.0;
+      coef[k] = c;
+      gd += p.inv * r[0] + c * r[2];
+      gg += p.inv * p.inv * r[1] + 2.0 * c * p.inv * r[3] + c * c * r[4];
+    }
+    if (gg < 0.0) gg = 0.0;
+    ok = finite(gg) && finite(gd);
+  }
+  if (!ok) {
+    for (int k = 0; k < p.nseg; ++k) coef[k] = 0.0;
+    set_retrace(s, p, ST_BAD_GRADIENT);
+    return;
+  }
+  const double denom = s[DIR_SCALE] * s[DIR_SQ];
+  const double S = (denom != 0.0 && finite(denom)) ? gd / denom : 0.0;
+  const double step = accepted_update(s, S, sqrt(gg), p);
+  const double b = p.momentum;
+  if (b == 0.0) {
+    s[DIR_SQ] = gg;
+    s[DIR_SCALE] = 1.0;
+  } else {
+    const double sq = b * b * s[DIR_SQ] + 2.0 * b * (1.0 - b) * gd + (1.0 - b) * (1.0 - b) * gg;
+    const double g_new = b * gd + (1.0 - b) * gg;
+    s[DIR_SQ] = sq > 0.0 ? sq : 0.0;
+    s[DIR_SCALE] = sq > 0.0 ? g_new / sq : 1.0;
+  }
+  s[NORM_SUM] += p_norm(s);
+  s[MODE] = MODE_STEP;
+  s[MOVE_S] = step;
+  s[STATUS] = ST_OK;
+}
+
+// The element-wise update of one element of x (and d, and the retrace copy xg), computed in the
+// "opmath" type Acc (float for float/half/bfloat16, double for double), as torch does.
+// MODE_STEP:      d <- b d + (1 - b)(inv g + c x);  xg <- x;  x <- x - s d
+// MODE_RETRACE_*: x <- xg - s d   or   x <- x + (t - s) d
+template <typename T, typename Acc>
+ELRA_HD void update_element(int mode, T& x, T& d, T* xg, T g, Acc inv, Acc c, Acc b, Acc s,
+                            Acc t) {
+  if (mode == MODE_STEP) {
+    const Acc xo = static_cast<Acc>(x);
+    Acc dn = inv * static_cast<Acc>(g);
+    if (c != Acc(0)) dn += c * xo;
+    if (b != Acc(0)) dn = b * static_cast<Acc>(d) + (Acc(1) - b) * dn;
+    const T dt = static_cast<T>(dn);
+    if (xg) *xg = x;
+    d = dt;
+    x = static_cast<T>(xo - s * static_cast<Acc>(dt));
+  } else if (mode == MODE_RETRACE_COPY) {
+    x = static_cast<T>(static_cast<Acc>(*xg) - s * static_cast<Acc>(d));
+  } else if (mode == MODE_RETRACE_ALGEBRAIC) {
+    x = static_cast<T>(static_cast<Acc>(x) + (t - s) * static_cast<Acc>(d));
+  }
+}
+
+}  // namespace elra

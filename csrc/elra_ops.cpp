@@ -1,0 +1,289 @@
+// elra_ops.cpp: the elra:: operator schemas, the CPU kernels, and the Python module elra._C.
+//
+// [note: passes over memory]
+// A normal step reads and writes each buffer as few times as the algorithm allows:
+//   reduce: reads g and d (and x when weight decay is on)          -> per-segment sums
+//   finalize: scalars only (the step-size update of elra_math.h)
+//   update: reads x and g (and d with momentum), writes x and d (and the retrace copy xg)
+// The previous direction is written in the same pass that moves x, and the retrace point is
+// recovered algebraically in the stochastic regime (see the note in elra/engine.py).
+//
+// [note: deterministic reductions]
+// Sums are formed per fixed-size chunk (independent of the thread count) in the opmath type and
+// the chunk sums are added in order in double, so results do not depend on threading.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <Python.h>
+
+#include <vector>
+
+#include "elra_math.h"
+
+namespace elra {
+namespace {
+
+constexpr int64_t CHUNK = 1 << 14;
+constexpr int LANES = 8;
+
+void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "elra: ", name,
+              " must be a contiguous 1-d tensor, got shape ", t.sizes());
+}
+
+void check_bounds(at::IntArrayRef bounds, int64_t numel) {
+  TORCH_CHECK(bounds.size() >= 2, "elra: bounds need at least two entries");
+  TORCH_CHECK(static_cast<int>(bounds.size()) - 1 <= MAX_SEGMENTS, "elra: at most ", MAX_SEGMENTS,
+              " segments are supported");
+  TORCH_CHECK(bounds.front() == 0 && bounds.back() == numel, "elra: bounds must cover [0, ",
+              numel, ")");
+  for (size_t i = 1; i < bounds.size(); ++i)
+    TORCH_CHECK(bounds[i] >= bounds[i - 1], "elra: bounds must be non-decreasing");
+}
+
+// Sums of g*d, g*g (and x*d, g*x, x*x) over [0, n), per chunk in Acc, chunks added in order.
+template <typename T, bool WITH_X>
+void reduce_range(const T* g, const T* d, const T* x, int64_t n, double* out5) {
+  using Acc = at::opmath_type<T>;
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(static_cast<size_t>(nchunks) * RED_WIDTH, 0.0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t b = c * CHUNK, e = std::min(n, b + CHUNK);
+      Acc gd[LANES] = {}, gg[LANES] = {}, xd[LANES] = {}, gx[LANES] = {}, xx[LANES] = {};
+      int64_t i = b;
+      for (; i + LANES <= e; i += LANES) {
+        for (int l = 0; l < LANES; ++l) {
+          const Acc gv = static_cast<Acc>(g[i + l]), dv = static_cast<Acc>(d[i + l]);
+          gd[l] += gv * dv;
+          gg[l] += gv * gv;
+          if constexpr (WITH_X) {
+            const Acc xv = static_cast<Acc>(x[i + l]);
+            xd[l] += xv * dv;
+            gx[l] += gv * xv;
+            xx[l] += xv * xv;
+          }
+        }
+      }
+      for (; i < e; ++i) {
+        const Acc gv = static_cast<Acc>(g[i]), dv = static_cast<Acc>(d[i]);
+        gd[0] += gv * dv;
+        gg[0] += gv * gv;
+        if constexpr (WITH_X) {
+          const Acc xv = static_cast<Acc>(x[i]);
+          xd[0] += xv * dv;
+          gx[0] += gv * xv;
+          xx[0] += xv * xv;
+        }
+      }
+      double* p = partial.data() + c * RED_WIDTH;
+      for (int l = 0; l < LANES; ++l) {
+        p[0] += gd[l];
+        p[1] += gg[l];
+        p[2] += xd[l];
+        p[3] += gx[l];
+        p[4] += xx[l];
+      }
+    }
+  });
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int k = 0; k < RED_WIDTH; ++k) out5[k] += partial[c * RED_WIDTH + k];
+}
+
+void reduce_cpu(const at::Tensor& g, const at::Tensor& d, const at::Tensor& x,
+                at::IntArrayRef bounds, bool with_x, at::Tensor& out) {
+  check_flat(g, "g");
+  check_flat(d, "d");
+  check_flat(x, "x");
+  TORCH_CHECK(g.scalar_type() == d.scalar_type() && g.scalar_type() == x.scalar_type(),
+              "elra: g, d and x must share a dtype");
+  TORCH_CHECK(g.numel() == d.numel() && g.numel() == x.numel(), "elra: size mismatch");
+  check_bounds(bounds, g.numel());
+  const int nseg = static_cast<int>(bounds.size()) - 1;
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
+                  out.numel() >= nseg * RED_WIDTH,
+              "elra: out must be a contiguous float64 tensor of nseg * 5 elements");
+  double* o = out.data_ptr<double>();
+  for (int k = 0; k < nseg * RED_WIDTH; ++k) o[k] = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "elra_reduce", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int k = 0; k < nseg; ++k) {
+      const int64_t b = bounds[k], n = bounds[k + 1] - b;
+      if (with_x)
+        reduce_range<scalar_t, true>(gp + b, dp + b, xp + b, n, o + k * RED_WIDTH);
+      else
+        reduce_range<scalar_t, false>(gp + b, dp + b, nullptr, n, o + k * RED_WIDTH);
+    }
+  });
+}
+
+void collect_cpu(at::Tensor& coll, const at::Tensor& g, double weight, double inv, bool first,
+                 bool half, at::Tensor& scal) {
+  check_flat(coll, "coll");
+  check_flat(g, "g");
+  TORCH_CHECK(coll.scalar_type() == g.scalar_type() && coll.numel() == g.numel(),
+              "elra: collection buffer and gradient differ in dtype or size");
+  TORCH_CHECK(scal.scalar_type() == at::kDouble && scal.numel() >= NUM_SLOTS,
+              "elra: bad scalar state tensor");
+  const int64_t n = g.numel();
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(static_cast<size_t>(nchunks), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "elra_collect", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    scalar_t* cp = coll.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const Acc w = static_cast<Acc>(weight);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t b = c * CHUNK, e = std::min(n, b + CHUNK);
+        Acc acc[LANES] = {};
+        int64_t i = b;
+        for (; i + LANES <= e; i += LANES)
+          for (int l = 0; l < LANES; ++l) {
+            const Acc gv = static_cast<Acc>(gp[i + l]);
+            acc[l] += gv * gv;
+            cp[i + l] = static_cast<scalar_t>((first ? Acc(0) : static_cast<Acc>(cp[i + l])) + w * gv);
+          }
+        for (; i < e; ++i) {
+          const Acc gv = static_cast<Acc>(gp[i]);
+          acc[0] += gv * gv;
+          cp[i] = static_cast<scalar_t>((first ? Acc(0) : static_cast<Acc>(cp[i])) + w * gv);
+        }
+        double sum = 0.0;
+        for (int l = 0; l < LANES; ++l) sum += acc[l];
+        partial[c] = sum;
+      }
+    });
+  });
+  double gg = 0.0;
+  for (double v : partial) gg += v;
+  gg *= inv * inv;
+  double* s = scal.data_ptr<double>();
+  s[GRAD_SQ] = gg;
+  const bool ok = finite(gg) && !(half && std::sqrt(gg) >= HALF_GRAD_NORM_LIMIT);
+  s[STATUS] = ok ? ST_OK : ST_BAD_GRADIENT;
+}
+
+}  // namespace
+
+FinalizeParams make_params(at::ArrayRef<double> params, at::ArrayRef<double> wd) {
+  TORCH_CHECK(params.size() == 12, "elra: finalize expects 12 parameters, got ", params.size());
+  TORCH_CHECK(wd.size() <= static_cast<size_t>(MAX_SEGMENTS), "elra: too many segments");
+  FinalizeParams p{};
+  p.growth = params[0];
+  p.lr_schedule = params[1];
+  p.lr_warmup = params[2];
+  p.inv = params[3];
+  p.momentum = params[4];
+  p.f = params[5];
+  p.f_last = params[6];
+  p.stochastic = static_cast<int>(params[7]);
+  p.kind = static_cast<int>(params[8]);
+  p.with_x = static_cast<int>(params[9]);
+  p.half = static_cast<int>(params[10]);
+  p.keep_copy = static_cast<int>(params[11]);
+  p.nseg = static_cast<int>(wd.size());
+  for (size_t k = 0; k < wd.size(); ++k) p.wd[k] = wd[k];
+  return p;
+}
+
+namespace {
+
+void finalize_cpu(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef,
+                  at::ArrayRef<double> params, at::ArrayRef<double> wd) {
+  TORCH_CHECK(red.scalar_type() == at::kDouble && scal.scalar_type() == at::kDouble &&
+                  coef.scalar_type() == at::kDouble,
+              "elra: finalize works on float64 tensors");
+  TORCH_CHECK(scal.numel() >= NUM_SLOTS && coef.numel() >= static_cast<int64_t>(wd.size()) &&
+                  red.numel() >= static_cast<int64_t>(wd.size()) * RED_WIDTH,
+              "elra: finalize tensors too small");
+  const FinalizeParams p = make_params(params, wd);
+  finalize(red.data_ptr<double>(), scal.data_ptr<double>(), coef.data_ptr<double>(), p);
+}
+
+template <typename T>
+void update_range(int mode, T* x, T* d, T* xg, const T* g, int64_t n, double inv, double c,
+                  double b, double s, double t) {
+  using Acc = at::opmath_type<T>;
+  const Acc ai = static_cast<Acc>(inv), ac = static_cast<Acc>(c), ab = static_cast<Acc>(b),
+            as = static_cast<Acc>(s), at_ = static_cast<Acc>(t);
+  at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
+    if (mode == MODE_STEP && xg == nullptr && ab == Acc(0) && ac == Acc(0)) {
+      // the common stochastic step: d <- inv g; x <- x - s d (vectorizes)
+      for (int64_t i = lo; i < hi; ++i) {
+        const T dt = static_cast<T>(ai * static_cast<Acc>(g[i]));
+        d[i] = dt;
+        x[i] = static_cast<T>(static_cast<Acc>(x[i]) - as * static_cast<Acc>(dt));
+      }
+      return;
+    }
+    for (int64_t i = lo; i < hi; ++i)
+      update_element<T, Acc>(mode, x[i], d[i], xg ? xg + i : nullptr, g[i], ai, ac, ab, as, at_);
+  });
+}
+
+void update_cpu(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
+                const std::optional<at::Tensor>& xg, const at::Tensor& scal,
+                const at::Tensor& coef, at::IntArrayRef bounds, double momentum) {
+  check_flat(x, "x");
+  check_flat(d, "d");
+  check_flat(g, "g");
+  TORCH_CHECK(x.scalar_type() == d.scalar_type() && x.scalar_type() == g.scalar_type(),
+              "elra: x, d and g must share a dtype");
+  TORCH_CHECK(x.numel() == d.numel() && x.numel() == g.numel(), "elra: size mismatch");
+  check_bounds(bounds, x.numel());
+  if (xg.has_value()) {
+    check_flat(*xg, "xg");
+    TORCH_CHECK(xg->numel() == x.numel() && xg->scalar_type() == x.scalar_type(),
+                "elra: retrace copy differs from x");
+  }
+  const double* s = scal.data_ptr<double>();
+  const double* cf = coef.data_ptr<double>();
+  const int mode = static_cast<int>(s[MODE]);
+  if (mode == MODE_NONE) return;
+  TORCH_CHECK(mode != MODE_RETRACE_COPY || xg.has_value(), "elra: retrace needs the copy");
+  const int nseg = static_cast<int>(bounds.size()) - 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_update", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* xgp = xg.has_value() ? xg->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int k = 0; k < nseg; ++k) {
+      const int64_t b = bounds[k], n = bounds[k + 1] - b;
+      if (n == 0) continue;
+      update_range<scalar_t>(mode, xp + b, dp + b, xgp ? xgp + b : nullptr, gp + b, n, s[INV],
+                             cf[k], momentum, s[MOVE_S], s[MOVE_T]);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace elra
+
+TORCH_LIBRARY(elra, m) {
+  m.def("reduce(Tensor g, Tensor d, Tensor x, int[] bounds, bool with_x, Tensor(a!) out) -> ()");
+  m.def("collect(Tensor(a!) coll, Tensor g, float weight, float inv, bool first, bool half, "
+        "Tensor(b!) scal) -> ()");
+  m.def("finalize(Tensor red, Tensor(a!) scal, Tensor(b!) coef, float[] params, float[] wd) -> ()");
+  m.def("update(Tensor(a!) x, Tensor(b!) d, Tensor g, Tensor(c!)? xg, Tensor scal, Tensor coef, "
+        "int[] bounds, float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(elra, CPU, m) {
+  m.impl("reduce", &elra::reduce_cpu);
+  m.impl("collect", &elra::collect_cpu);
+  m.impl("finalize", &elra::finalize_cpu);
+  m.impl("update", &elra::update_cpu);
+}
+
+// An empty module: importing elra._C registers the operators above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

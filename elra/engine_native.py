@@ -1,0 +1,221 @@
+"""The native engine: ELRA's vector work in fused C++ (CPU) or CUDA kernels.
+
+Same interface as :class:`elra.engine.TorchEngine`, computed by the ``torch.ops.elra`` operators
+of ``csrc/``: per step one reduction pass, the step-size update on the device (``finalize``, the
+function of ``csrc/elra_math.h`` that mirrors :mod:`elra.stepsize`), and one update pass.
+
+[note: no host round trip in a normal step]
+The scalars (alpha, lr, the window sums, ...) live in one float64 tensor on the parameters'
+device; the host passes only what it already knows (loss-derived values and counters). Whether
+the gradient was finite is decided on the device too: with a non-finite gradient ``finalize``
+turns the step into a retrace and the update kernel moves back instead of forward. The host
+learns the outcome afterwards: on the CPU at once (reading the scalar tensor through a NumPy view
+is free), on a GPU at the start of the next call (:meth:`NativeEngine.resolve`), when the
+device has long finished. Only the 100-step control window, checkpoints, boosting and gradient
+collection read device values synchronously.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _native
+from .engine import _HALF, Engine
+from .flat_buffer import FlatBuffer
+
+# slot indices and codes of csrc/elra_math.h
+ALPHA, LR, STEP, MEAN_ANGLE, MIN_ANGLE, NORM_SUM, DIR_SQ, DIR_SCALE, GNA, STATUS = range(10)
+GRAD_SQ, NUM_SLOTS = 14, 16
+ST_OK, ST_RETRACE, ST_BAD_GRADIENT, ST_NONE = 0, 1, 2, 3
+KIND_FIRST, KIND_ACCEPT, KIND_RETRACE = 0, 1, 2
+MAX_SEGMENTS = 64
+RED_WIDTH = 5
+
+_STATE_SLOTS = {"alpha": ALPHA, "lr": LR, "step_size": STEP, "mean_angle": MEAN_ANGLE,
+                "min_angle": MIN_ANGLE, "norm_sum": NORM_SUM, "gna": GNA,
+                "dir_sqnorm": DIR_SQ, "dir_scale": DIR_SCALE}
+
+
+class NativeEngine(Engine):
+    """Fused kernels over the flat buffers of one device (all buffers on that device)."""
+
+    name = "native"
+
+    @staticmethod
+    def supports(buffers: list[FlatBuffer]) -> Optional[str]:
+        """``None`` if this engine can drive ``buffers``, else the reason it cannot."""
+        if _native.ops() is None:
+            return f"the native kernels are not available ({_native.native_status()['error']})"
+        devices = {b.device for b in buffers}
+        if len(devices) != 1:
+            return "the parameters live on several devices"
+        dev = next(iter(devices))
+        if not _native.has_kernels_for(dev):
+            return f"no native kernels for {dev.type} tensors in this build"
+        if sum(len(b.segments) for b in buffers) > MAX_SEGMENTS:
+            return f"more than {MAX_SEGMENTS} parameter-group segments"
+        return None
+
+    def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
+                 alpha: float, lr: float, defer: Optional[bool] = None):
+        super().__init__(buffers, stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
+        self._ops = _native.ops()
+        dev = buffers[0].device
+        self.device = dev
+        self.defer = (dev.type != "cpu") if defer is None else bool(defer)
+        scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
+        scal[ALPHA], scal[LR], scal[DIR_SCALE], scal[STATUS] = alpha, lr, 1.0, ST_NONE
+        self._scal = scal.to(dev)
+        self._view = self._scal.numpy() if dev.type == "cpu" else None
+        self._bounds = [[s.start for s in b.segments] + [b.segments[-1].end] for b in buffers]
+        self._seg_groups = [s.group for b in buffers for s in b.segments]
+        self._seg_offsets = []
+        off = 0
+        for b in buffers:
+            self._seg_offsets.append(off)
+            off += len(b.segments)
+        self._red = torch.zeros(off * RED_WIDTH, dtype=torch.float64, device=dev)
+        self._coef = torch.zeros(off, dtype=torch.float64, device=dev)
+        self._half = int(any(b.dtype in _HALF for b in buffers))
+        self._keep_copy = int(any(x is not None for x in self.retrace_point))
+        self._last_step = alpha
+
+    # --- reading the device scalars ------------------------------------------------------------
+    def _read(self, slot: int) -> float:
+        if self._view is not None:
+            return float(self._view[slot])
+        return float(self._scal[slot].cpu().numpy())
+
+    def _read_all(self):
+        return self._view if self._view is not None else self._scal.cpu().numpy()
+
+    def scalar_state(self) -> dict:
+        v = self._read_all()
+        out = {k: float(v[i]) for k, i in _STATE_SLOTS.items()}
+        out["collected_count"] = self.collected_count
+        return out
+
+    def load_scalar_state(self, d: dict) -> None:
+        host = self._scal.cpu()
+        for k, i in _STATE_SLOTS.items():
+            host[i] = float(d[k] if k != "gna" else d.get(k, 0.0))
+        self._scal.copy_(host)
+        self.collected_count = int(d["collected_count"])
+        self._last_step = float(d["step_size"])
+
+    @property
+    def scalars(self):  # a host copy, for inspection and tests
+        from .stepsize import Scalars
+
+        v = self._read_all()
+        sc = Scalars(alpha=float(v[ALPHA]), lr=float(v[LR]), step_size=float(v[STEP]),
+                     mean_angle=float(v[MEAN_ANGLE]), min_angle=float(v[MIN_ANGLE]),
+                     norm_sum=float(v[NORM_SUM]), gna=float(v[GNA]))
+        return sc
+
+    @scalars.setter
+    def scalars(self, value) -> None:  # the base class sets it once; the device holds the truth
+        pass
+
+    @property
+    def dir_sqnorm(self) -> float:
+        return self._read(DIR_SQ)
+
+    @dir_sqnorm.setter
+    def dir_sqnorm(self, value) -> None:
+        pass
+
+    @property
+    def dir_scale(self) -> float:
+        return self._read(DIR_SCALE)
+
+    @dir_scale.setter
+    def dir_scale(self, value) -> None:
+        pass
+
+    @property
+    def step_size(self) -> float:
+        """The step last applied (on a GPU: as of the last time it was read)."""
+        if self._view is not None:
+            return float(self._view[STEP])
+        return self._last_step
+
+    def window_sums(self):
+        v = self._read_all()
+        return float(v[NORM_SUM]), float(v[MEAN_ANGLE]), float(v[MIN_ANGLE])
+
+    def set_grad_norm_avg(self, value: float) -> None:
+        self._scal[MEAN_ANGLE:NORM_SUM + 1].zero_()
+        self._scal[GNA].fill_(value)
+
+    def resolve(self) -> Optional[bool]:
+        status = int(self._read(STATUS))
+        if self._view is None:
+            self._last_step = self._read(STEP)
+        return status == ST_OK
+
+    # --- the steps -----------------------------------------------------------------------------
+    def _sources(self, use_collected: bool) -> list[torch.Tensor]:
+        return self.collected if use_collected else [b.grad for b in self.buffers]
+
+    def _finalize(self, kind: int, inv: float, wd: Optional[list[float]], growth=0.0,
+                  lr_schedule=0.0, lr_warmup=0.0, f=0.0, f_last=0.0) -> None:
+        with_x = wd is not None
+        params = [growth, lr_schedule, lr_warmup, inv, self.momentum, f, f_last,
+                  float(self.stochastic), float(kind), float(with_x), float(self._half),
+                  float(self._keep_copy)]
+        wdl = [wd[g] for g in self._seg_groups] if with_x else [0.0] * len(self._seg_groups)
+        self._ops.finalize(self._red, self._scal, self._coef, params, wdl)
+
+    def _reduce(self, use_collected: bool, with_x: bool) -> None:
+        for k, (buf, g, d) in enumerate(zip(self.buffers, self._sources(use_collected),
+                                            self.direction)):
+            off = self._seg_offsets[k] * RED_WIDTH
+            out = self._red[off:off + len(buf.segments) * RED_WIDTH]
+            self._ops.reduce(g, d, buf.data, self._bounds[k], with_x, out)
+
+    def _update(self, use_collected: bool, momentum: float) -> None:
+        for k, (buf, g, d, xg) in enumerate(zip(self.buffers, self._sources(use_collected),
+                                                self.direction, self.retrace_point)):
+            coef = self._coef[self._seg_offsets[k]:]
+            self._ops.update(buf.data, d, g, xg, self._scal, coef, self._bounds[k], momentum)
+
+    def _outcome(self, booster, f: float) -> Optional[bool]:
+        """Read the status now when it is free or needed (boosting); else leave it for later."""
+        if self.defer and booster is None:
+            return None
+        ok = int(self._read(STATUS)) == ST_OK
+        if ok and booster is not None:
+            booster.update(self.buffers, f)
+        return ok
+
+    def collect(self, weight: float, inv: float) -> bool:
+        first = self.collected_count == 0
+        ok = True
+        for c, b in zip(self.collected, self.buffers):
+            self._ops.collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
+            ok = ok and int(self._read(STATUS)) == ST_OK
+        if ok:
+            self.collected_count += 1
+        return ok
+
+    def first_step(self, use_collected, inv, booster, f):
+        self._reduce(use_collected, False)
+        self._finalize(KIND_FIRST, inv, None)
+        done = self._outcome(booster, f)
+        self._update(use_collected, 0.0)
+        return done
+
+    def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
+        self._reduce(use_collected, wd is not None)
+        self._finalize(KIND_ACCEPT, inv, wd, inputs.growth, inputs.lr_schedule, inputs.lr_warmup,
+                       f, f_last)
+        done = self._outcome(booster, f)
+        self._update(use_collected, self.momentum)
+        return done
+
+    def retrace(self, f, f_last):
+        self._finalize(KIND_RETRACE, 1.0, None, f=f, f_last=f_last)
+        self._update(False, self.momentum)
