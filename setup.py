@@ -31,12 +31,13 @@ def native_extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = choice == "cuda" or (choice == "auto" and torch.version.cuda is not None
                                     and CUDA_HOME is not None and bool(cu))
-    flags = {"cxx": ["-O3", "-std=c++17"]}
+    # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds and compiles into our code
+    flags = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
     if use_cuda:
         flags["nvcc"] = ["-O3", "--use_fast_math"]
         ext = CUDAExtension("elra._C", cpp + cu, extra_compile_args=flags)
     else:
-        ext = CppExtension("elra._C", cpp, extra_compile_args=flags)
+        ext = CppExtension("elra._C", cpp, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 

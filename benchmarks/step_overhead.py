@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from elra import ElraOptimizer
+from elra import ElraOptimizer, native_status
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -61,18 +61,22 @@ def candidates(numel: int, tensors: int):
     torch_opt("Adam(fused=True)", torch.optim.Adam, lr=1e-3, fused=True)
     torch_opt("Adam(foreach=True)", torch.optim.Adam, lr=1e-3, foreach=True)
     torch_opt("SGD(foreach=True)", torch.optim.SGD, lr=1e-3, foreach=True)
-    for label, kw in (("elra torch, stochastic", dict(regime="stochastic")),
-                      ("elra torch, deterministic", dict(regime="deterministic")),
-                      ("elra torch, stochastic, wd", dict(regime="stochastic", weight_decay=1e-4))):
-        ps = make_params(numel, tensors)
-        opt = ElraOptimizer(ps, lr=1e-4, engine="torch", **kw)
+    variants = (("stochastic", dict(regime="stochastic")),
+                ("deterministic", dict(regime="deterministic")),
+                ("stochastic, wd", dict(regime="stochastic", weight_decay=1e-4)))
+    engines = ["native", "torch"] if native_status()["cpu"] else ["torch"]
+    for engine in engines:
+        for variant, kw in variants:
+            label = f"elra {engine}, {variant}"
+            ps = make_params(numel, tensors)
+            opt = ElraOptimizer(ps, lr=1e-4, engine=engine, **kw)
 
-        def step(opt=opt):
-            opt.step(1.0)
-            if opt.last_outcome not in ("first", "accepted"):
-                raise RuntimeError(f"not a normal step: {opt.last_outcome}")
+            def step(opt=opt):
+                opt.step(1.0)
+                if opt.last_outcome not in ("first", "accepted"):
+                    raise RuntimeError(f"not a normal step: {opt.last_outcome}")
 
-        out[label] = (opt, ps, step)
+            out[label] = (opt, ps, step)
     return out
 
 

@@ -20,6 +20,7 @@
 
 #include <Python.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "elra_math.h"
@@ -45,49 +46,174 @@ void check_bounds(at::IntArrayRef bounds, int64_t numel) {
     TORCH_CHECK(bounds[i] >= bounds[i - 1], "elra: bounds must be non-decreasing");
 }
 
-// Sums of g*d, g*g (and x*d, g*x, x*x) over [0, n), per chunk in Acc, chunks added in order.
+// [note: vectorization] The inner loops are plain functions with restrict pointers (inside a
+// lambda the captured pointers may alias the stores, which stops the vectorizer) and are cloned
+// for AVX2+FMA with a generic fallback picked at load time (GCC target_clones), so a portable
+// build still runs at the speed of the machine.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ELRA_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define ELRA_CLONES
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ELRA_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// float32 sums with AVX2: two 8-wide accumulators per sum (the auto-vectorizer does not
+// reassociate float sums, so these are written out), tail in scalar code.
+template <bool WITH_X>
+__attribute__((target("avx2,fma"))) void reduce_chunk_avx2(const float* __restrict__ g,
+                                                           const float* __restrict__ d,
+                                                           const float* __restrict__ x,
+                                                           int64_t b, int64_t e, double* sums) {
+  __m256 gd0 = _mm256_setzero_ps(), gd1 = gd0, gg0 = gd0, gg1 = gd0;
+  __m256 xd0 = gd0, xd1 = gd0, gx0 = gd0, gx1 = gd0, xx0 = gd0, xx1 = gd0;
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    const __m256 g0 = _mm256_loadu_ps(g + i), g1 = _mm256_loadu_ps(g + i + 8);
+    const __m256 d0 = _mm256_loadu_ps(d + i), d1 = _mm256_loadu_ps(d + i + 8);
+    gd0 = _mm256_fmadd_ps(g0, d0, gd0);
+    gd1 = _mm256_fmadd_ps(g1, d1, gd1);
+    gg0 = _mm256_fmadd_ps(g0, g0, gg0);
+    gg1 = _mm256_fmadd_ps(g1, g1, gg1);
+    if constexpr (WITH_X) {
+      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      xd0 = _mm256_fmadd_ps(x0, d0, xd0);
+      xd1 = _mm256_fmadd_ps(x1, d1, xd1);
+      gx0 = _mm256_fmadd_ps(g0, x0, gx0);
+      gx1 = _mm256_fmadd_ps(g1, x1, gx1);
+      xx0 = _mm256_fmadd_ps(x0, x0, xx0);
+      xx1 = _mm256_fmadd_ps(x1, x1, xx1);
+    }
+  }
+  const __m256 acc[5] = {_mm256_add_ps(gd0, gd1), _mm256_add_ps(gg0, gg1), _mm256_add_ps(xd0, xd1),
+                         _mm256_add_ps(gx0, gx1), _mm256_add_ps(xx0, xx1)};
+  float lanes[8];
+  for (int k = 0; k < RED_WIDTH; ++k) {
+    _mm256_storeu_ps(lanes, acc[k]);
+    for (int l = 0; l < 8; ++l) sums[k] += lanes[l];
+  }
+  for (; i < e; ++i) {
+    const float gv = g[i], dv = d[i];
+    sums[0] += gv * dv;
+    sums[1] += gv * gv;
+    if constexpr (WITH_X) {
+      const float xv = x[i];
+      sums[2] += xv * dv;
+      sums[3] += gv * xv;
+      sums[4] += xv * xv;
+    }
+  }
+}
+
+// The float32 step without momentum: d <- inv g + c x; [xg <- x]; x <- x - s d.
+// d and xg are written with streaming stores when the buffer is large: they are read again only
+// in the next step, long after they would have left the caches, and streaming spares the read
+// that a normal store of a cache line costs (about 40% of this pass at 32M parameters here).
+__attribute__((target("avx2,fma"))) void step_chunk_avx2(float* __restrict__ x,
+                                                         float* __restrict__ d,
+                                                         float* __restrict__ xg,
+                                                         const float* __restrict__ g, int64_t b,
+                                                         int64_t e, float inv, float c, float s,
+                                                         bool stream) {
+  int64_t i = b;
+  auto scalar = [&](int64_t k) {
+    const float xo = x[k];
+    const float dt = inv * g[k] + c * xo;
+    d[k] = dt;
+    if (xg) xg[k] = xo;
+    x[k] = xo - s * dt;
+  };
+  if (stream)  // streaming stores need 32-byte aligned addresses: peel to d's alignment
+    for (; i < e && (reinterpret_cast<uintptr_t>(d + i) & 31) != 0; ++i) scalar(i);
+  const bool xg_aligned = xg && ((reinterpret_cast<uintptr_t>(xg + i) & 31) == 0);
+  const __m256 vi = _mm256_set1_ps(inv), vc = _mm256_set1_ps(c), vs = _mm256_set1_ps(s);
+  for (; i + 8 <= e; i += 8) {
+    const __m256 xo = _mm256_loadu_ps(x + i);
+    __m256 dt = _mm256_mul_ps(vi, _mm256_loadu_ps(g + i));
+    if (c != 0.0f) dt = _mm256_fmadd_ps(vc, xo, dt);
+    if (stream) {
+      _mm256_stream_ps(d + i, dt);
+      if (xg) {
+        if (xg_aligned)
+          _mm256_stream_ps(xg + i, xo);
+        else
+          _mm256_storeu_ps(xg + i, xo);
+      }
+    } else {
+      _mm256_storeu_ps(d + i, dt);
+      if (xg) _mm256_storeu_ps(xg + i, xo);
+    }
+    _mm256_storeu_ps(x + i, _mm256_fnmadd_ps(vs, dt, xo));
+  }
+  for (; i < e; ++i) scalar(i);
+  if (stream) _mm_sfence();
+}
+#endif
+
+// Sums of g*d, g*g (and x*d, g*x, x*x) over [b, e) in the opmath type, into sums[5].
+template <typename T, bool WITH_X>
+ELRA_CLONES void reduce_chunk(const T* __restrict__ g, const T* __restrict__ d,
+                              const T* __restrict__ x, int64_t b, int64_t e, double* sums) {
+  using Acc = at::opmath_type<T>;
+  Acc gd[LANES] = {}, gg[LANES] = {}, xd[LANES] = {}, gx[LANES] = {}, xx[LANES] = {};
+  int64_t i = b;
+  for (; i + LANES <= e; i += LANES) {
+    for (int l = 0; l < LANES; ++l) {
+      const Acc gv = static_cast<Acc>(g[i + l]), dv = static_cast<Acc>(d[i + l]);
+      gd[l] += gv * dv;
+      gg[l] += gv * gv;
+      if constexpr (WITH_X) {
+        const Acc xv = static_cast<Acc>(x[i + l]);
+        xd[l] += xv * dv;
+        gx[l] += gv * xv;
+        xx[l] += xv * xv;
+      }
+    }
+  }
+  for (; i < e; ++i) {
+    const Acc gv = static_cast<Acc>(g[i]), dv = static_cast<Acc>(d[i]);
+    gd[0] += gv * dv;
+    gg[0] += gv * gv;
+    if constexpr (WITH_X) {
+      const Acc xv = static_cast<Acc>(x[i]);
+      xd[0] += xv * dv;
+      gx[0] += gv * xv;
+      xx[0] += xv * xv;
+    }
+  }
+  for (int l = 0; l < LANES; ++l) {
+    sums[0] += gd[l];
+    sums[1] += gg[l];
+    sums[2] += xd[l];
+    sums[3] += gx[l];
+    sums[4] += xx[l];
+  }
+}
+
+// Per fixed-size chunk in parallel, chunk sums added in order (deterministic).
 template <typename T, bool WITH_X>
 void reduce_range(const T* g, const T* d, const T* x, int64_t n, double* out5) {
-  using Acc = at::opmath_type<T>;
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
   std::vector<double> partial(static_cast<size_t>(nchunks) * RED_WIDTH, 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * CHUNK, e = std::min(n, b + CHUNK);
-      Acc gd[LANES] = {}, gg[LANES] = {}, xd[LANES] = {}, gx[LANES] = {}, xx[LANES] = {};
-      int64_t i = b;
-      for (; i + LANES <= e; i += LANES) {
-        for (int l = 0; l < LANES; ++l) {
-          const Acc gv = static_cast<Acc>(g[i + l]), dv = static_cast<Acc>(d[i + l]);
-          gd[l] += gv * dv;
-          gg[l] += gv * gv;
-          if constexpr (WITH_X) {
-            const Acc xv = static_cast<Acc>(x[i + l]);
-            xd[l] += xv * dv;
-            gx[l] += gv * xv;
-            xx[l] += xv * xv;
-          }
+      const int64_t b = c * CHUNK, e = std::min(n, (c + 1) * CHUNK);
+#ifdef ELRA_HAVE_AVX2_PATH
+      if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx2()) {
+          reduce_chunk_avx2<WITH_X>(g, d, x, b, e, partial.data() + c * RED_WIDTH);
+          continue;
         }
       }
-      for (; i < e; ++i) {
-        const Acc gv = static_cast<Acc>(g[i]), dv = static_cast<Acc>(d[i]);
-        gd[0] += gv * dv;
-        gg[0] += gv * gv;
-        if constexpr (WITH_X) {
-          const Acc xv = static_cast<Acc>(x[i]);
-          xd[0] += xv * dv;
-          gx[0] += gv * xv;
-          xx[0] += xv * xv;
-        }
-      }
-      double* p = partial.data() + c * RED_WIDTH;
-      for (int l = 0; l < LANES; ++l) {
-        p[0] += gd[l];
-        p[1] += gg[l];
-        p[2] += xd[l];
-        p[3] += gx[l];
-        p[4] += xx[l];
-      }
+#endif
+      reduce_chunk<T, WITH_X>(g, d, x, b, e, partial.data() + c * RED_WIDTH);
     }
   });
   for (int64_t c = 0; c < nchunks; ++c)
@@ -207,24 +333,51 @@ void finalize_cpu(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef,
   finalize(red.data_ptr<double>(), scal.data_ptr<double>(), coef.data_ptr<double>(), p);
 }
 
+// d <- inv g; x <- x - s d: the common stochastic step, kept simple so that it vectorizes.
+template <typename T>
+ELRA_CLONES void plain_step_chunk(T* __restrict__ x, T* __restrict__ d, const T* __restrict__ g,
+                                  int64_t b, int64_t e, at::opmath_type<T> inv,
+                                  at::opmath_type<T> s) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = b; i < e; ++i) {
+    const T dt = static_cast<T>(inv * static_cast<Acc>(g[i]));
+    d[i] = dt;
+    x[i] = static_cast<T>(static_cast<Acc>(x[i]) - s * static_cast<Acc>(dt));
+  }
+}
+
+template <typename T>
+ELRA_CLONES void update_chunk(int mode, T* __restrict__ x, T* __restrict__ d,
+                              T* __restrict__ xg, const T* __restrict__ g, int64_t b, int64_t e,
+                              at::opmath_type<T> inv, at::opmath_type<T> c,
+                              at::opmath_type<T> mb, at::opmath_type<T> s,
+                              at::opmath_type<T> t) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = b; i < e; ++i)
+    update_element<T, Acc>(mode, x[i], d[i], xg ? xg + i : nullptr, g[i], inv, c, mb, s, t);
+}
+
 template <typename T>
 void update_range(int mode, T* x, T* d, T* xg, const T* g, int64_t n, double inv, double c,
                   double b, double s, double t) {
   using Acc = at::opmath_type<T>;
   const Acc ai = static_cast<Acc>(inv), ac = static_cast<Acc>(c), ab = static_cast<Acc>(b),
             as = static_cast<Acc>(s), at_ = static_cast<Acc>(t);
+  const bool plain = mode == MODE_STEP && xg == nullptr && ab == Acc(0) && ac == Acc(0);
+  constexpr int64_t STREAM_FROM = int64_t(1) << 20;  // elements; smaller buffers stay cached
   at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
-    if (mode == MODE_STEP && xg == nullptr && ab == Acc(0) && ac == Acc(0)) {
-      // the common stochastic step: d <- inv g; x <- x - s d (vectorizes)
-      for (int64_t i = lo; i < hi; ++i) {
-        const T dt = static_cast<T>(ai * static_cast<Acc>(g[i]));
-        d[i] = dt;
-        x[i] = static_cast<T>(static_cast<Acc>(x[i]) - as * static_cast<Acc>(dt));
+#ifdef ELRA_HAVE_AVX2_PATH
+    if constexpr (std::is_same_v<T, float>) {
+      if (mode == MODE_STEP && ab == Acc(0) && cpu_has_avx2()) {
+        step_chunk_avx2(x, d, xg, g, lo, hi, ai, ac, as, n >= STREAM_FROM);
+        return;
       }
-      return;
     }
-    for (int64_t i = lo; i < hi; ++i)
-      update_element<T, Acc>(mode, x[i], d[i], xg ? xg + i : nullptr, g[i], ai, ac, ab, as, at_);
+#endif
+    if (plain)
+      plain_step_chunk<T>(x, d, g, lo, hi, ai, as);
+    else
+      update_chunk<T>(mode, x, d, xg, g, lo, hi, ai, ac, ab, as, at_);
   });
 }
 
