@@ -1,24 +1,49 @@
 """Per-step cost of ElraOptimizer against torch's Adam and SGD, side by side in one process.
 
-Every optimizer steps the same parameters with fixed gradients; the timings of the optimizers
-are interleaved (one step each, in turn) so that drift of the machine hits all of them alike, and
-the table reports medians over the repeats and each median's ratio to ``Adam(fused=True)``.
-ELRA gets a constant loss, so every timed step is a normal (accepted) step; the script checks
-that. It also reports the optimizer's extra memory in units of the parameters' size.
+Every optimizer steps its own copy of the same parameters with fixed gradients. The timings are
+interleaved (one step of each optimizer in turn, repeated), so that drift of the machine hits all
+alike; the table reports medians and each median's ratio to ``Adam(fused=True)``. ELRA gets a
+constant loss, so every timed step is a normal (accepted) step, which the script checks.
 
-    python benchmarks/step_overhead.py                 # 32M fp32 in 4 tensors and 100k in 50
-    python benchmarks/step_overhead.py --sizes 32M:4 --repeats 30
+Columns:
+* ``ratio``: median step time / median step time of ``Adam(fused=True)`` in this process.
+* ``MB moved``: bytes each step must read and write at least (the passes of the implementation
+  times the buffer size; see ``STREAMS``), and ``x floor``: the median time over the time that
+  traffic takes at the copy bandwidth measured in this process (1.0 = memory-bound optimum).
+* ``extra mem``: the optimizer's state in units of the parameters' size.
+
+The reference package (``pip install elra==0.0.5``, GPL research code that also imports as
+``elra``) must live in its own virtual environment; pass its interpreter with
+``--reference-python`` (or set ``ELRA_REFERENCE_PYTHON``). It is then timed in a subprocess
+against ``Adam(fused=True)`` in that process, and its ratio is reported next to ours.
+
+    python benchmarks/step_overhead.py                       # 100k/50, 1M, 8M, 32M fp32
+    python benchmarks/step_overhead.py --sizes 32M:4 --repeats 31
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from elra import ElraOptimizer, native_status
+# passes over a buffer of the parameters' size per step (reads + writes), normal steps, fp32
+STREAMS = {
+    "Adam(fused=True)": 7,  # x, g, m, v read; x, m, v written
+    "Adam(foreach=True)": 7,  # at least as fused; in practice several more passes
+    "SGD(foreach=True)": 3,  # x, g read; x written
+    "elra native": 6,  # reduce: g, d read; update: x, g read, x, d written
+    "elra torch": 8,  # 2 dots (g, d; g), d <- g (read, write), x <- x - s d (2 reads, write)
+}
+DEFAULT_SIZES = ["100k:50", "1M:4", "8M:4", "32M:4"]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -37,7 +62,7 @@ def make_params(numel: int, tensors: int, seed: int = 0) -> list[torch.nn.Parame
     return params
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
+def state_bytes(opt) -> int:
     seen, total = set(), 0
     for entry in opt.state.values():
         for v in entry.values():
@@ -49,76 +74,142 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def candidates(numel: int, tensors: int):
-    """name -> (optimizer, step function)."""
+def interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn."""
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, f in steps.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def copy_bandwidth(numel: int) -> float:
+    """Bytes per second of ``b.copy_(a)`` (one read and one write stream) at this size."""
+    a, b = torch.randn(numel), torch.empty(numel)
+    t = interleaved({"copy": lambda: b.copy_(a)}, 11)["copy"]
+    return 2 * numel * 4 / t
+
+
+def our_candidates(numel: int, tensors: int) -> dict:
+    from elra import ElraOptimizer, native_status
+
     out = {}
-
-    def torch_opt(name, cls, **kw):
-        ps = make_params(numel, tensors)
-        opt = cls(ps, **kw)
-        out[name] = (opt, ps, opt.step)
-
-    torch_opt("Adam(fused=True)", torch.optim.Adam, lr=1e-3, fused=True)
-    torch_opt("Adam(foreach=True)", torch.optim.Adam, lr=1e-3, foreach=True)
-    torch_opt("SGD(foreach=True)", torch.optim.SGD, lr=1e-3, foreach=True)
-    variants = (("stochastic", dict(regime="stochastic")),
-                ("deterministic", dict(regime="deterministic")),
-                ("stochastic, wd", dict(regime="stochastic", weight_decay=1e-4)))
-    engines = ["native", "torch"] if native_status()["cpu"] else ["torch"]
+    for name, cls, kw in (("Adam(fused=True)", torch.optim.Adam, dict(lr=1e-3, fused=True)),
+                          ("Adam(foreach=True)", torch.optim.Adam, dict(lr=1e-3, foreach=True)),
+                          ("SGD(foreach=True)", torch.optim.SGD, dict(lr=1e-3, foreach=True))):
+        opt = cls(make_params(numel, tensors), **kw)
+        out[name] = (opt, opt.step)
+    engines = (["native"] if native_status()["cpu"] else []) + ["torch"]
     for engine in engines:
-        for variant, kw in variants:
-            label = f"elra {engine}, {variant}"
-            ps = make_params(numel, tensors)
-            opt = ElraOptimizer(ps, lr=1e-4, engine=engine, **kw)
+        opt = ElraOptimizer(make_params(numel, tensors), lr=1e-4, regime="stochastic",
+                            engine=engine)
 
-            def step(opt=opt):
-                opt.step(1.0)
-                if opt.last_outcome not in ("first", "accepted"):
-                    raise RuntimeError(f"not a normal step: {opt.last_outcome}")
+        def step(opt=opt):
+            opt.step(1.0)
+            if opt.last_outcome not in ("first", "accepted"):
+                raise RuntimeError(f"not a normal step: {opt.last_outcome}")
 
-            out[label] = (opt, ps, step)
+        out[f"elra {engine}"] = (opt, step)
     return out
 
 
-def measure(numel: int, tensors: int, repeats: int, warmup: int = 3) -> list[dict]:
-    cands = candidates(numel, tensors)
-    times = {k: [] for k in cands}
-    for _ in range(warmup):
-        for _, _, step in cands.values():
-            step()
-    for _ in range(repeats):
-        for name, (_, _, step) in cands.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["Adam(fused=True)"])
-    param_bytes = numel * 4
-    rows = []
-    for name, (opt, _, _) in cands.items():
-        med = statistics.median(times[name])
-        rows.append({"size": f"{numel:,} in {tensors}", "optimizer": name, "median_ms": med * 1e3,
-                     "ratio": med / base, "extra_buffers": state_bytes(opt) / param_bytes})
-    return rows
+def reference_ratio(python: str, numel: int, tensors: int, repeats: int) -> float | None:
+    """Median step time of the reference package over fused Adam's, in its own process."""
+    script = Path(__file__).with_name("_reference_step.py")
+    with tempfile.TemporaryDirectory() as tmp:  # it writes state_lgs.txt into the cwd
+        res = Path(tmp) / "result.json"
+        cmd = [python, str(script), str(numel), str(tensors), str(repeats), str(res)]
+        proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=1800)
+        if proc.returncode != 0 or not res.exists():
+            print(f"  (reference failed: {proc.stderr.strip().splitlines()[-1:]})")
+            return None
+        return json.loads(res.read_text())["ratio"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["32M:4", "100k:50"],
-                    help="NUMEL:TENSORS, e.g. 32M:4 (M = 2**20)")
+    ap.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
+                    help="NUMEL:TENSORS, e.g. 32M:4 (M = 2**20, k = 1000)")
     ap.add_argument("--repeats", type=int, default=21)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reference-python", default=os.environ.get("ELRA_REFERENCE_PYTHON"),
+                    help="python of a venv with the reference elra==0.0.5 installed")
+    ap.add_argument("--out", default="benchmarks/out/step_overhead")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved steps\n")
-    print("| parameters | optimizer | median ms | ratio to Adam(fused) | extra memory (x params) |")
-    print("|---|---|---:|---:|---:|")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from elra import native_status
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native: "
+          f"{native_status()}, medians of {args.repeats} interleaved steps")
+    rows = []
     for spec in args.sizes:
         numel, tensors = parse_size(spec)
-        for r in measure(numel, tensors, args.repeats):
-            print(f"| {r['size']} | {r['optimizer']} | {r['median_ms']:.3f} | {r['ratio']:.2f} | "
-                  f"{r['extra_buffers']:.2f} |")
+        bw = copy_bandwidth(numel)
+        cands = our_candidates(numel, tensors)
+        med = interleaved({k: f for k, (_, f) in cands.items()}, args.repeats)
+        base = med["Adam(fused=True)"]
+        for name, (opt, _) in cands.items():
+            moved = STREAMS[name] * numel * 4
+            rows.append({"size": spec, "numel": numel, "tensors": tensors, "optimizer": name,
+                         "ms": med[name] * 1e3, "ratio": med[name] / base,
+                         "mb_moved": moved / 2**20, "x_floor": med[name] / (moved / bw),
+                         "extra_mem": state_bytes(opt) / (numel * 4)})
+        del cands
+        if args.reference_python:
+            r = reference_ratio(args.reference_python, numel, tensors, max(5, args.repeats // 3))
+            if r is not None:
+                rows.append({"size": spec, "numel": numel, "tensors": tensors,
+                             "optimizer": "reference elra 0.0.5", "ms": r * base * 1e3,
+                             "ratio": r, "mb_moved": float("nan"), "x_floor": float("nan"),
+                             "extra_mem": float("nan")})
+    lines = ["| parameters | optimizer | median ms | ratio to Adam(fused) | MB moved | x floor "
+             "| extra mem |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['numel']:,} in {r['tensors']} | {r['optimizer']} | {r['ms']:.3f} | "
+                     f"{r['ratio']:.2f} | {r['mb_moved']:.0f} | {r['x_floor']:.2f} | "
+                     f"{r['extra_mem']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    for spec in args.sizes:
+        ours = {r["optimizer"]: r for r in rows if r["size"] == spec}
+        if "reference elra 0.0.5" in ours and "elra native" in ours:
+            print(f"{spec}: reference / elra native = "
+                  f"{ours['reference elra 0.0.5']['ratio'] / ours['elra native']['ratio']:.1f}x")
+    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out_dir / "step_overhead.png")
+    print(f"wrote {out_dir}/results.md and step_overhead.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    for name in names:
+        pts = sorted((r["numel"], r["ratio"]) for r in rows if r["optimizer"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (fp32)")
+    ax.set_ylabel("step time / Adam(fused=True) step time (log)")
+    ax.set_title("Optimizer step cost, median of interleaved steps (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ void update_range(int mode, T* x, T* d, T* xg, const T* g, int64_t n, double inv
   const Acc ai = static_cast<Acc>(inv), ac = static_cast<Acc>(c), ab = static_cast<Acc>(b),
             as = static_cast<Acc>(s), at_ = static_cast<Acc>(t);
   const bool plain = mode == MODE_STEP && xg == nullptr && ab == Acc(0) && ac == Acc(0);
-  constexpr int64_t STREAM_FROM = int64_t(1) << 20;  // elements; smaller buffers stay cached
+  constexpr int64_t STREAM_FROM = int64_t(1) << 22;  // elements (16 MB fp32): smaller stay cached
   at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
 #ifdef ELRA_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float>) {
