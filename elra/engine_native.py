@@ -61,7 +61,9 @@ class NativeEngine(Engine):
     def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
                  alpha: float, lr: float, defer: Optional[bool] = None):
         super().__init__(buffers, stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
-        self._ops = _native.ops()
+        ops = _native.ops()  # the resolved overloads skip the per-call schema matching
+        self._op_reduce, self._op_collect = ops.reduce.default, ops.collect.default
+        self._op_finalize, self._op_update = ops.finalize.default, ops.update.default
         dev = buffers[0].device
         self.device = dev
         self.defer = (dev.type != "cpu") if defer is None else bool(defer)
@@ -78,6 +80,10 @@ class NativeEngine(Engine):
             off += len(b.segments)
         self._red = torch.zeros(off * RED_WIDTH, dtype=torch.float64, device=dev)
         self._coef = torch.zeros(off, dtype=torch.float64, device=dev)
+        self._red_views = [self._red[o * RED_WIDTH:(o + len(b.segments)) * RED_WIDTH]
+                           for o, b in zip(self._seg_offsets, buffers)]
+        self._coef_views = [self._coef[o:] for o in self._seg_offsets]
+        self._no_wd = [0.0] * off
         self._half = int(any(b.dtype in _HALF for b in buffers))
         self._keep_copy = int(any(x is not None for x in self.retrace_point))
         self._last_step = alpha
@@ -166,21 +172,19 @@ class NativeEngine(Engine):
         params = [growth, lr_schedule, lr_warmup, inv, self.momentum, f, f_last,
                   float(self.stochastic), float(kind), float(with_x), float(self._half),
                   float(self._keep_copy)]
-        wdl = [wd[g] for g in self._seg_groups] if with_x else [0.0] * len(self._seg_groups)
-        self._ops.finalize(self._red, self._scal, self._coef, params, wdl)
+        wdl = [wd[g] for g in self._seg_groups] if with_x else self._no_wd
+        self._op_finalize(self._red, self._scal, self._coef, params, wdl)
 
     def _reduce(self, use_collected: bool, with_x: bool) -> None:
-        for k, (buf, g, d) in enumerate(zip(self.buffers, self._sources(use_collected),
-                                            self.direction)):
-            off = self._seg_offsets[k] * RED_WIDTH
-            out = self._red[off:off + len(buf.segments) * RED_WIDTH]
-            self._ops.reduce(g, d, buf.data, self._bounds[k], with_x, out)
+        for buf, g, d, bounds, out in zip(self.buffers, self._sources(use_collected),
+                                          self.direction, self._bounds, self._red_views):
+            self._op_reduce(g, d, buf.data, bounds, with_x, out)
 
     def _update(self, use_collected: bool, momentum: float) -> None:
-        for k, (buf, g, d, xg) in enumerate(zip(self.buffers, self._sources(use_collected),
-                                                self.direction, self.retrace_point)):
-            coef = self._coef[self._seg_offsets[k]:]
-            self._ops.update(buf.data, d, g, xg, self._scal, coef, self._bounds[k], momentum)
+        for buf, g, d, xg, coef, bounds in zip(self.buffers, self._sources(use_collected),
+                                               self.direction, self.retrace_point,
+                                               self._coef_views, self._bounds):
+            self._op_update(buf.data, d, g, xg, self._scal, coef, bounds, momentum)
 
     def _outcome(self, booster, f: float) -> Optional[bool]:
         """Read the status now when it is free or needed (boosting); else leave it for later."""
@@ -195,7 +199,7 @@ class NativeEngine(Engine):
         first = self.collected_count == 0
         ok = True
         for c, b in zip(self.collected, self.buffers):
-            self._ops.collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
+            self._op_collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
             ok = ok and int(self._read(STATUS)) == ST_OK
         if ok:
             self.collected_count += 1
