@@ -17,6 +17,16 @@ logger = logging.getLogger("elra")
 _ops = None
 _error: str | None = None
 
+
+def _register_fakes() -> None:
+    """Shape-only ("fake"/meta) versions of the ops, for torch.compile and FakeTensor tracing.
+
+    Every op only mutates its arguments in place and returns nothing, so there is nothing to
+    compute for shapes.
+    """
+    for name in ("reduce", "collect", "finalize", "update"):
+        torch.library.register_fake(f"elra::{name}")(lambda *args, **kwargs: None)
+
 if os.environ.get("ELRA_DISABLE_NATIVE", "") not in ("", "0"):
     _error = "disabled by ELRA_DISABLE_NATIVE"
 else:
@@ -24,6 +34,7 @@ else:
         from . import _C  # noqa: F401  (registers the operators)
 
         _ops = torch.ops.elra
+        _register_fakes()
     except Exception as e:  # a missing or broken build must never break import elra
         _error = f"{type(e).__name__}: {e}"
         logger.info("elra: native kernels not available (%s); using the pure-torch engine", _error)

@@ -1,0 +1,121 @@
+"""The elra:: operators themselves: schemas (torch.library.opcheck) and each op vs float64."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from elra import native_status
+
+pytestmark = pytest.mark.skipif(not native_status()["cpu"],
+                                reason=f"native kernels not built: {native_status()['error']}")
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+sizes = st.lists(st.sampled_from([0, 1, 3, 7, 8, 15, 16, 17, 33, 1000, 16385, 40000]),
+                 min_size=1, max_size=5)
+dtypes = st.sampled_from(list(TOL))
+
+
+def ops():
+    return torch.ops.elra
+
+
+def args(n=37):
+    g, d, x = torch.randn(n), torch.randn(n), torch.randn(n)
+    scal = torch.zeros(16, dtype=torch.float64)
+    scal[0], scal[1], scal[7] = 0.1, 0.1, 1.0
+    return g, d, x, scal
+
+
+def test_opcheck_all_ops():
+    from torch.library import opcheck
+
+    g, d, x, scal = args()
+    red, coef = torch.zeros(10, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0]
+    opcheck(ops().reduce.default, (g, d, x, [0, 20, 37], True, red))
+    opcheck(ops().finalize.default, (red, scal, coef, params, [0.01, 0.0]))
+    opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
+    opcheck(ops().collect.default, (torch.zeros(37), g, 0.5, 1.0, True, False, scal))
+
+
+@SETTINGS
+@given(seg=sizes, dtype=dtypes, seed=st.integers(0, 2**16), with_x=st.booleans())
+def test_reduce_matches_float64(seg, dtype, seed, with_x):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(seg)
+    g, d, x = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
+    bounds = [0] + list(np.cumsum(seg))
+    out = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
+    ops().reduce(g, d, x, [int(b) for b in bounds], with_x, out)
+    G, D, X = (t.double().numpy() for t in (g, d, x))
+    for k in range(len(seg)):
+        sl = slice(bounds[k], bounds[k + 1])
+        exp = [G[sl] @ D[sl], G[sl] @ G[sl]]
+        exp += [X[sl] @ D[sl], G[sl] @ X[sl], X[sl] @ X[sl]] if with_x else [0.0, 0.0, 0.0]
+        tol = TOL[dtype] * (1 + seg[k])
+        np.testing.assert_allclose(out[5 * k:5 * k + 5].numpy(), exp, rtol=TOL[dtype], atol=tol)
+
+
+@SETTINGS
+@given(n=st.sampled_from([0, 1, 7, 16, 17, 40000]), dtype=dtypes, seed=st.integers(0, 2**16),
+       first=st.booleans())
+def test_collect_matches_float64(n, dtype, seed, first):
+    gen = torch.Generator().manual_seed(seed)
+    g, c = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    expected = (0 if first else c.double()) + 0.25 * g.double()
+    scal = torch.zeros(16, dtype=torch.float64)
+    ops().collect(c, g, 0.25, 0.5, first, False, scal)
+    np.testing.assert_allclose(c.double().numpy(), expected.numpy(), rtol=TOL[dtype] * 4,
+                               atol=TOL[dtype] * 4)
+    assert scal[14].item() == pytest.approx(0.25 * float(g.double() @ g.double()),
+                                            rel=TOL[dtype] * 10, abs=1e-9)
+    assert scal[9].item() == 0.0  # status: fine
+
+
+@SETTINGS
+@given(seg=sizes, dtype=dtypes, seed=st.integers(0, 2**16),
+       mode=st.sampled_from([1, 2, 3]), momentum=st.sampled_from([0.0, 0.5]),
+       use_xg=st.booleans())
+def test_update_matches_float64(seg, dtype, seed, mode, momentum, use_xg):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(seg)
+    x, d, g, xg = (torch.randn(n, generator=gen).to(dtype) for _ in range(4))
+    if mode == 2:
+        use_xg = True
+    bounds = [0] + [int(b) for b in np.cumsum(seg)]
+    coef = torch.tensor([0.01 * (k % 3) for k in range(len(seg))], dtype=torch.float64)
+    scal = torch.zeros(16, dtype=torch.float64)
+    scal[10], scal[11], scal[12], scal[13] = mode, 0.3, 0.5, 0.75  # mode, s, t, inv
+    X, Dd, G, XG = (t.double().numpy().copy() for t in (x, d, g, xg))
+    C = np.concatenate([np.full(s, coef[k].item()) for k, s in enumerate(seg)]) if n else X
+    if mode == 1:
+        dn = 0.75 * G + C * X
+        if momentum:
+            dn = momentum * Dd + (1 - momentum) * dn
+        exp_x, exp_d, exp_xg = X - 0.3 * dn, dn, (X if use_xg else XG)
+    elif mode == 2:
+        exp_x, exp_d, exp_xg = XG - 0.3 * Dd, Dd, XG
+    else:
+        exp_x, exp_d, exp_xg = X + (0.5 - 0.3) * Dd, Dd, XG
+    ops().update(x, d, g, xg if use_xg else None, scal, coef, bounds, momentum)
+    tol = TOL[dtype] * 8
+    np.testing.assert_allclose(x.double().numpy(), exp_x, rtol=tol, atol=tol)
+    np.testing.assert_allclose(d.double().numpy(), exp_d, rtol=tol, atol=tol)
+    np.testing.assert_allclose(xg.double().numpy(), exp_xg, rtol=tol, atol=tol)
+
+
+def test_bad_inputs_raise_clear_errors():
+    g, d, x, scal = args()
+    out = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="bounds"):
+        ops().reduce(g, d, x, [0, 30], False, out)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops().reduce(g, d.double(), x, [0, 37], False, out)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops().reduce(g, torch.randn(74)[::2], x, [0, 37], False, out)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops().reduce(g, d, x, [0, 37], False, torch.zeros(5))
