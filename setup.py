@@ -29,13 +29,26 @@ def native_extensions():
     import torch
 
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    glue = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))  # torch glue of the kernels
     use_cuda = choice == "cuda" or (choice == "auto" and torch.version.cuda is not None
                                     and CUDA_HOME is not None and bool(cu))
     # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds and compiles into our code
     flags = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
     if use_cuda:
-        flags["nvcc"] = ["-O3", "--use_fast_math"]
-        ext = CUDAExtension("elra._C", cpp + cu, extra_compile_args=flags)
+        # No -std: torch's builder then picks the standard its headers need (C++20 from torch
+        # 2.14 on, whose headers refuse C++17); the kernels (csrc/cuda/*.cu) compile with either.
+        # Architectures: TORCH_CUDA_ARCH_LIST when set (torch's builder reads it), else A100
+        # (sm_80) and H100 (sm_90) code plus sm_90 PTX that newer GPUs compile at load time.
+        # No --use_fast_math: it flushes float32 subnormals and approximates divisions, so the
+        # GPU would compute a different function than the CPU kernels; these kernels are bound
+        # by memory bandwidth, not arithmetic.
+        nvcc = ["-O3"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+        cuda_flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": nvcc}
+        ext = CUDAExtension("elra._C", cpp + glue + cu, extra_compile_args=cuda_flags,
+                            extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("elra._C", cpp, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
