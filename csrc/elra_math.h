@@ -39,7 +39,9 @@ enum Slot : int {
   MOVE_T = 12,     // second step size (algebraic retrace: x += (MOVE_T - MOVE_S) d)
   INV = 13,        // factor undoing loss scaling, for the update kernel
   GRAD_SQ = 14,    // |inv * g|^2 of the last reduction or collection
-  NUM_SLOTS = 16
+  APPLIED = 15,    // x = x_good - APPLIED * d: the multiple of the stored direction now applied
+  HAS_POINT = 16,  // 1 once there is a point to retrace to (see set_retrace)
+  NUM_SLOTS = 24
 };
 
 enum Status : int { ST_OK = 0, ST_RETRACE = 1, ST_BAD_GRADIENT = 2, ST_NONE = 3 };
@@ -110,8 +112,8 @@ ELRA_HD double retrace_update(double* s, double f, double f_last, double p_sq, i
   if (!stochastic) {
     const double alpha = s[ALPHA];
     const double d = (f - f_last) + alpha * p_sq;
-    double factor = d > 0.0 ? 0.5 * alpha * p_sq / d : NAN;
-    if (!(finite(factor) && factor > 0.0)) factor = RETRACE_FALLBACK_SHRINK;
+    double factor = d != 0.0 ? 0.5 * alpha * p_sq / d : NAN;
+    if (!finite(factor)) factor = RETRACE_FALLBACK_SHRINK;  // NaN loss; +inf loss gives 0
     double na = alpha * factor;
     na = na < RETRACE_ALPHA_MIN ? RETRACE_ALPHA_MIN : (na > ALPHA_MAX ? ALPHA_MAX : na);
     s[ALPHA] = na;
@@ -125,15 +127,23 @@ ELRA_HD double p_norm(const double* s) {
   return (s[DIR_SCALE] < 0.0 ? -s[DIR_SCALE] : s[DIR_SCALE]) * sqrt(sq);
 }
 
+// Point 7. Stochastic regime before any step after the first was accepted: there is no point to
+// go back to, and x stays where the first step put it (what the reference does); only the
+// scalars shrink.
 ELRA_HD void set_retrace(double* s, const FinalizeParams& p, int status) {
-  const double old = s[STEP];
+  const double old = s[APPLIED];
   const double p_sq = s[DIR_SCALE] * s[DIR_SCALE] * s[DIR_SQ];
   const double nw = retrace_update(s, p.f, p.f_last, p_sq, p.stochastic);
   s[NORM_SUM] += p_norm(s);
-  s[MODE] = p.keep_copy ? MODE_RETRACE_COPY : MODE_RETRACE_ALGEBRAIC;
-  s[MOVE_S] = nw;
-  s[MOVE_T] = old;
   s[STATUS] = status;
+  if (s[HAS_POINT] == 0.0) {
+    s[MODE] = MODE_NONE;
+    return;
+  }
+  s[MODE] = p.keep_copy ? MODE_RETRACE_COPY : MODE_RETRACE_ALGEBRAIC;
+  s[MOVE_S] = nw * s[DIR_SCALE];  // back along p = DIR_SCALE * d (with momentum p != d)
+  s[MOVE_T] = old;
+  s[APPLIED] = s[MOVE_S];
 }
 
 // The step-size update of one call, from the reductions `red` (nseg x RED_WIDTH, raw gradient)
@@ -154,21 +164,6 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
   gg_raw *= p.inv * p.inv;
   s[GRAD_SQ] = gg_raw;
   bool ok = finite(gg_raw) && !(p.half && sqrt(gg_raw) >= HALF_GRAD_NORM_LIMIT);
-  if (p.kind == KIND_FIRST) {
-    if (!ok) {
-      s[MODE] = MODE_NONE;
-      s[STATUS] = ST_BAD_GRADIENT;
-      return;
-    }
-    s[DIR_SQ] = gg_raw;
-    s[DIR_SCALE] = 1.0;
-    s[GNA] = sqrt(gg_raw);
-    s[STEP] = s[ALPHA];
-    s[MODE] = MODE_STEP;
-    s[MOVE_S] = s[ALPHA];
-    s[STATUS] = ST_OK;
-    return;
-  }
   double gd = 0.0, gg = 0.0;
   if (ok) {
     double kappa = 0.0;
@@ -186,8 +181,25 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
     if (gg < 0.0) gg = 0.0;
     ok = finite(gg) && finite(gd);
   }
+  if (!ok) for (int k = 0; k < p.nseg; ++k) coef[k] = 0.0;
+  if (p.kind == KIND_FIRST) {  // point 4: the first direction is g' itself, the step alpha
+    if (!ok) {
+      s[MODE] = MODE_NONE;
+      s[STATUS] = ST_BAD_GRADIENT;
+      return;
+    }
+    s[DIR_SQ] = gg;
+    s[DIR_SCALE] = 1.0;
+    s[GNA] = sqrt(gg);
+    s[STEP] = s[ALPHA];
+    s[APPLIED] = s[ALPHA];
+    s[HAS_POINT] = p.stochastic ? 0.0 : 1.0;
+    s[MODE] = MODE_STEP;
+    s[MOVE_S] = s[ALPHA];
+    s[STATUS] = ST_OK;
+    return;
+  }
   if (!ok) {
-    for (int k = 0; k < p.nseg; ++k) coef[k] = 0.0;
     set_retrace(s, p, ST_BAD_GRADIENT);
     return;
   }
@@ -207,6 +219,8 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
   s[NORM_SUM] += p_norm(s);
   s[MODE] = MODE_STEP;
   s[MOVE_S] = step;
+  s[APPLIED] = step;
+  s[HAS_POINT] = 1.0;
   s[STATUS] = ST_OK;
 }
 

@@ -177,11 +177,18 @@ class LossControl:
     def accept_test(self, f_best: float, f: float) -> Optional[Tentative]:
         """The accept decision of point 5; ``None`` means retrace.
 
-        The statistics are updated with ``f`` first and the threshold is taken from the updated
-        values (this is what reproduces the reference's thresholds); they are committed by
-        :meth:`accept` only if the step really is accepted.
+        The threshold is the one the statistics give before this call: a loss never raises the
+        bar it is measured against (a single exploding loss would otherwise lift the mean and
+        the deviation enough to pass, early in a run). This is the reference's behaviour, checked
+        against it by black-box bisection. The statistics updated with ``f`` are returned and
+        committed by :meth:`accept` only if the step really is accepted.
         """
         if not (math.isfinite(f) and math.isfinite(f_best)):
+            return None
+        threshold = self.threshold()
+        if not f_best < threshold:
+            return None
+        if self.stochastic and not f < EXPLOSION_FACTOR * self.f_init:
             return None
         m = self.window_steps - self.retraces_window + 1
         sum_f = self.sum_f + f
@@ -193,11 +200,6 @@ class LossControl:
         if self.steps <= self.window_steps and m > 0:  # the long window has never closed
             mean_ref = sum_f / m
             dev_ref = math.sqrt(max(sum_var, 0.0) / m) * DEV_CORRECTION_FACTOR**self.retraces_window
-        threshold = mean_ref + ACCEPT_DEVIATIONS * dev_ref * self.dev_correction
-        if not f_best < threshold:
-            return None
-        if self.stochastic and not f < EXPLOSION_FACTOR * self.f_init:
-            return None
         return Tentative(sum_f, sum_var, mean_ref, dev_ref, threshold)
 
     def accept(self, t: Tentative, f: float) -> StepInputs:
@@ -312,9 +314,11 @@ class LossControl:
         """Per-group factors of ``kappa * x`` added to the gradient, or ``None`` for no decay.
 
         ``kappa = 0.005 * grad_norm_avg / |x|`` needs |x| and is applied by the engine.
-        Weight decay is skipped on the very first step.
+        The very first step (called before :meth:`first_step`) decays only in the deterministic
+        regime: that is what the reference does (measured: its first deterministic step moves
+        along ``g + 2 * wd * 0.005 * |g| / |x| * x``, its first stochastic step along ``g``).
         """
-        if not self.started or not any(d > 0.0 for d in group_decays):
+        if (self.stochastic and not self.started) or not any(d > 0.0 for d in group_decays):
             return None
         mult = WD_MULT_INCREASE if self.increase else WD_MULT
         out = []

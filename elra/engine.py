@@ -6,7 +6,8 @@ the angle terms). Its small interface is all the optimizer uses:
 
 ``collect``      add one call's gradient into the collection (``coll += w * g``); False if the
                  gradient is not finite,
-``first_step``   the very first move along the gradient,
+``first_step``   the very first move along the gradient (with weight decay in the
+                 deterministic regime, as the reference does),
 ``accept_step``  an accepted step: the reductions (``<g, p>``, ``|g|^2``, and for weight decay
                  ``<x, p>``, ``<g, x>``, ``|x|^2``), the step-size update from them, the update;
                  with a non-finite gradient the engine retraces instead and says so,
@@ -99,7 +100,8 @@ class Engine:
 
     def scalar_state(self) -> dict:
         sc = self.scalars
-        return {"alpha": sc.alpha, "lr": sc.lr, "step_size": sc.step_size,
+        return {"alpha": sc.alpha, "lr": sc.lr, "step_size": sc.step_size, "applied": sc.applied,
+                "has_point": float(sc.has_point),
                 "mean_angle": sc.mean_angle, "min_angle": sc.min_angle, "norm_sum": sc.norm_sum,
                 "gna": sc.gna,
                 "dir_sqnorm": self.dir_sqnorm, "dir_scale": self.dir_scale,
@@ -110,6 +112,8 @@ class Engine:
         for k in ("alpha", "lr", "step_size", "mean_angle", "min_angle", "norm_sum"):
             setattr(sc, k, float(d[k]))
         sc.gna = float(d.get("gna", 0.0))
+        sc.applied = float(d.get("applied", sc.step_size))
+        sc.has_point = bool(d.get("has_point", 1.0))
         self.dir_sqnorm = float(d["dir_sqnorm"])
         self.dir_scale = float(d["dir_scale"])
         self.collected_count = int(d["collected_count"])
@@ -137,7 +141,8 @@ class Engine:
     def collect(self, weight: float, inv: float) -> bool:
         raise NotImplementedError
 
-    def first_step(self, use_collected: bool, inv: float, booster, f: float) -> Optional[bool]:
+    def first_step(self, use_collected: bool, inv: float, wd: Optional[list[float]], booster,
+                   f: float) -> Optional[bool]:
         raise NotImplementedError
 
     def accept_step(self, use_collected: bool, inv: float, wd: Optional[list[float]],
@@ -263,9 +268,10 @@ class TorchEngine(Engine):
             if xg is not None:
                 xg.copy_(buf.data)
             buf.data.add_(d, alpha=-step)
+        self.scalars.applied = step
 
-    def first_step(self, use_collected, inv, booster, f):
-        red = self.reduce(use_collected, inv, None)
+    def first_step(self, use_collected, inv, wd, booster, f):
+        red = self.reduce(use_collected, inv, wd)
         if not red.finite:
             return False
         if booster is not None:
@@ -275,6 +281,7 @@ class TorchEngine(Engine):
         self.scalars.gna = red.grad_norm
         self.scalars.step_size = self.scalars.alpha
         self._move(self.scalars.alpha)
+        self.scalars.has_point = not self.stochastic
         return True
 
     def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
@@ -289,16 +296,23 @@ class TorchEngine(Engine):
         self._write_direction(red, use_collected, inv, self.momentum)
         self._next_direction_scalars(red)
         self._move(step)
+        self.scalars.has_point = True
         self.scalars.norm_sum += self.p_norm()
         return True
 
     def retrace(self, f, f_last):
-        old = self.scalars.step_size
+        old = self.scalars.applied
         p_sq = self.dir_scale ** 2 * self.dir_sqnorm
         new = retrace_update(self.scalars, f, f_last, p_sq, self.stochastic)
+        self.scalars.norm_sum += self.p_norm()
+        if not self.scalars.has_point:
+            # stochastic, and no step after the first accepted yet: there is no point to go
+            # back to, and x stays where the first step put it (as in the reference)
+            return
+        mult = new * self.dir_scale  # back along p = dir_scale * d (with momentum p != d)
         for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):
             if xg is not None:
-                torch.add(xg, d, alpha=-new, out=buf.data)
+                torch.add(xg, d, alpha=-mult, out=buf.data)
             else:
-                buf.data.add_(d, alpha=old - new)
-        self.scalars.norm_sum += self.p_norm()
+                buf.data.add_(d, alpha=old - mult)
+        self.scalars.applied = mult

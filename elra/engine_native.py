@@ -27,7 +27,7 @@ from .flat_buffer import FlatBuffer
 
 # slot indices and codes of csrc/elra_math.h
 ALPHA, LR, STEP, MEAN_ANGLE, MIN_ANGLE, NORM_SUM, DIR_SQ, DIR_SCALE, GNA, STATUS = range(10)
-GRAD_SQ, NUM_SLOTS = 14, 16
+GRAD_SQ, APPLIED, HAS_POINT, NUM_SLOTS = 14, 15, 16, 24
 ST_OK, ST_RETRACE, ST_BAD_GRADIENT, ST_NONE = 0, 1, 2, 3
 KIND_FIRST, KIND_ACCEPT, KIND_RETRACE = 0, 1, 2
 MAX_SEGMENTS = 64
@@ -35,7 +35,9 @@ RED_WIDTH = 5
 
 _STATE_SLOTS = {"alpha": ALPHA, "lr": LR, "step_size": STEP, "mean_angle": MEAN_ANGLE,
                 "min_angle": MIN_ANGLE, "norm_sum": NORM_SUM, "gna": GNA,
-                "dir_sqnorm": DIR_SQ, "dir_scale": DIR_SCALE}
+                "dir_sqnorm": DIR_SQ, "dir_scale": DIR_SCALE, "applied": APPLIED,
+                "has_point": HAS_POINT}
+_OPTIONAL = {"gna": 0.0, "applied": None, "has_point": 1.0}  # None: the saved step_size
 
 
 class NativeEngine(Engine):
@@ -106,7 +108,12 @@ class NativeEngine(Engine):
     def load_scalar_state(self, d: dict) -> None:
         host = self._scal.cpu()
         for k, i in _STATE_SLOTS.items():
-            host[i] = float(d[k] if k != "gna" else d.get(k, 0.0))
+            if k in d:
+                host[i] = float(d[k])
+            elif k in _OPTIONAL:  # keys that older checkpoints lack
+                host[i] = _OPTIONAL[k] if _OPTIONAL[k] is not None else float(d["step_size"])
+            else:
+                raise KeyError(k)
         self._scal.copy_(host)
         self.collected_count = int(d["collected_count"])
         self._last_step = float(d["step_size"])
@@ -118,7 +125,8 @@ class NativeEngine(Engine):
         v = self._read_all()
         sc = Scalars(alpha=float(v[ALPHA]), lr=float(v[LR]), step_size=float(v[STEP]),
                      mean_angle=float(v[MEAN_ANGLE]), min_angle=float(v[MIN_ANGLE]),
-                     norm_sum=float(v[NORM_SUM]), gna=float(v[GNA]))
+                     norm_sum=float(v[NORM_SUM]), gna=float(v[GNA]), applied=float(v[APPLIED]),
+                     has_point=bool(v[HAS_POINT]))
         return sc
 
     @scalars.setter
@@ -205,9 +213,9 @@ class NativeEngine(Engine):
             self.collected_count += 1
         return ok
 
-    def first_step(self, use_collected, inv, booster, f):
-        self._reduce(use_collected, False)
-        self._finalize(KIND_FIRST, inv, None)
+    def first_step(self, use_collected, inv, wd, booster, f):
+        self._reduce(use_collected, wd is not None)
+        self._finalize(KIND_FIRST, inv, wd)
         done = self._outcome(booster, f)
         self._update(use_collected, 0.0)
         return done

@@ -413,11 +413,14 @@ class ElraOptimizer(torch.optim.Optimizer):
             f_best = min(self._losses)
             self._losses = []
             inv = 1.0
+        decays = [g["weight_decay"] for g in self.param_groups]
         if not ctl.started:
             before = ctl.to_dict()
+            wd = ctl.weight_decay_coefficients(decays)
             ctl.begin_step(with_gradient=True)
             ctl.first_step(f)
-            self._settle(eng.first_step(use_collected, inv, self._booster, f), ("first", before), f)
+            self._settle(eng.first_step(use_collected, inv, wd, self._booster, f),
+                         ("first", before), f)
             eng.drop_collection()
             return
         if ctl.begin_step(with_gradient=True):
@@ -425,7 +428,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         tentative = ctl.accept_test(f_best, f)
         if tentative is None:
             return self._retrace(f, "retrace_loss")
-        wd = ctl.weight_decay_coefficients([g["weight_decay"] for g in self.param_groups])
+        wd = ctl.weight_decay_coefficients(decays)
         snap, f_last = ctl.snapshot(), ctl.f_last
         inputs = ctl.accept(tentative, f)
         done = eng.accept_step(use_collected, inv, wd, inputs, f, f_last, self._booster)

@@ -27,7 +27,9 @@ class Scalars:
 
     alpha: float
     lr: float
-    step_size: float = 0.0  # the s last applied along the direction (alpha or lr)
+    step_size: float = 0.0  # the step size last applied (alpha or lr): what param_groups show
+    applied: float = 0.0  # x = x_good - applied * d: the multiple of the stored direction d
+    has_point: bool = False  # a point to retrace to exists (see TorchEngine.retrace)
     mean_angle: float = 0.0  # sum over the window of min(0, alpha * S)
     min_angle: float = 0.0
     norm_sum: float = 0.0  # sum over the window of |p| after each step
@@ -72,14 +74,15 @@ def retrace_update(sc: Scalars, f: float, f_last: float, p_sqnorm: float,
     """Shrink the step sizes after a failed step; return the step size to re-apply.
 
     Deterministic: ``alpha`` moves to the minimum of the parabola through the last good loss
-    ``f_last`` (slope ``-|p|^2``) and the failed loss ``f``; when that is not usable (non-finite
-    loss, non-positive curvature) it shrinks by 100x.
+    ``f_last`` (slope ``-|p|^2``) and the failed loss ``f``, clamped to [1e-12, 1e6]. As in the
+    reference, only a factor that is not finite (a NaN loss) falls back to a 100x shrink; an
+    infinite loss or a parabola without a minimum (factor <= 0) sends alpha to its floor.
     """
     sc.lr = max(LR_MIN, sc.lr / 2.0)
     if not stochastic:
         d = (f - f_last) + sc.alpha * p_sqnorm
-        factor = 0.5 * sc.alpha * p_sqnorm / d if d > 0.0 else math.nan
-        if not (math.isfinite(factor) and factor > 0.0):
+        factor = 0.5 * sc.alpha * p_sqnorm / d if d != 0.0 else math.nan
+        if not math.isfinite(factor):  # a NaN loss; an infinite one gives 0: alpha drops to its floor
             factor = RETRACE_FALLBACK_SHRINK
         sc.alpha = min(max(sc.alpha * factor, RETRACE_ALPHA_MIN), ALPHA_MAX)
     sc.step_size = sc.lr if stochastic else sc.alpha

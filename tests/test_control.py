@@ -27,7 +27,8 @@ def test_weight_decay_not_a_number(value):
 
 
 def test_first_step_and_reference_thresholds():
-    # Rosenbrock from (0.3, 0.8): the thresholds of calls 2..6 follow from the losses alone
+    # Rosenbrock from (0.3, 0.8): the thresholds that calls 2..6 (counted from 0) are measured
+    # against follow from the losses before them alone (ELRA_ALGORITHM.md, point 5)
     losses = [50.90000534057617, 50.872344970703125, 50.74625778198242, 48.52437210083008,
               21.755760192871094, 3.7891414165496826]
     c = LossControl(stochastic=False)
@@ -38,10 +39,27 @@ def test_first_step_and_reference_thresholds():
     for f in losses[1:]:
         c.begin_step(True)
         t = c.accept_test(f, f)
-        assert t is not None
+        assert t is not None and t.threshold == c.threshold()  # the bar before this loss
         c.accept(t, f)
-        seen.append(t.threshold)
+        seen.append(c.threshold())
     assert [round(s, 1) for s in seen] == [107.3, 114.3, 112.2, 112.9, 126.7]
+
+
+def test_an_exploding_loss_never_raises_its_own_bar():
+    # Rosenbrock from (-1.2, 1) in float64 reaches these losses; the reference then retraces a
+    # loss of 1.4e26. Its threshold after them, found by bisection on the reference: 55.131.
+    losses = [24.2, 24.1458, 23.9001, 19.8336, 4.4813, 4.13753, 4.12641, 4.12288, 3.70667, 2.61081]
+    c = LossControl(stochastic=False)
+    c.begin_step(True)
+    c.first_step(losses[0])
+    for f in losses[1:]:
+        c.begin_step(True)
+        c.accept(c.accept_test(f, f), f)
+    assert c.threshold() == pytest.approx(55.131, abs=1e-3)
+    c.begin_step(True)
+    assert c.accept_test(55.1, 55.1) is not None
+    assert c.accept_test(55.2, 55.2) is None
+    assert c.accept_test(1.43e26, 1.43e26) is None
 
 
 def test_accept_test_rejects_without_committing():
@@ -152,12 +170,17 @@ def test_dynamic_weight_decay_factor():
     assert coefs == [pytest.approx(0.005 * 2 * 1.0), 0.0]
 
 
-def test_weight_decay_off_on_first_step_and_without_decay():
+def test_weight_decay_on_the_first_step_only_when_deterministic():
+    # as the reference: its first stochastic step moves along g, its first deterministic step
+    # along g + 2 * wd * 0.005 * |g| / |x| * x
     c = LossControl(stochastic=True)
     assert c.weight_decay_coefficients([1e-4]) is None  # not started
     c.started = True
     assert c.weight_decay_coefficients([0.0, 0.0]) is None
     assert c.weight_decay_coefficients([1e-4]) == [pytest.approx(0.005 * 2 * 1e-4)]
+    d = LossControl(stochastic=False)
+    assert d.weight_decay_coefficients([1e-3, 0.0]) == [pytest.approx(0.005 * 2 * 1e-3), 0.0]
+    assert d.weight_decay_coefficients([0.0]) is None
 
 
 def test_long_window_stall_grows_the_batch():

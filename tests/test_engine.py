@@ -140,7 +140,7 @@ def test_nonfinite_gradient(engine, bad):
     eng.ensure_collection()
     assert eng.collect(1.0, 1.0) is False and eng.collected_count == 0
     x0, d0 = buf.data.clone(), eng.direction[0].clone()
-    assert eng.first_step(False, 1.0, None, 1.0) is False
+    assert eng.first_step(False, 1.0, None, None, 1.0) is False
     assert torch.equal(buf.data, x0) and torch.equal(eng.direction[0], d0)
     # an accepted step with a bad gradient retraces instead (x = x_good - s' d)
     xg = eng.retrace_point[0].clone()

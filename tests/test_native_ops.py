@@ -25,7 +25,7 @@ def ops():
 
 def args(n=37):
     g, d, x = torch.randn(n), torch.randn(n), torch.randn(n)
-    scal = torch.zeros(16, dtype=torch.float64)
+    scal = torch.zeros(24, dtype=torch.float64)
     scal[0], scal[1], scal[7] = 0.1, 0.1, 1.0
     return g, d, x, scal
 
@@ -67,7 +67,7 @@ def test_collect_matches_float64(n, dtype, seed, first):
     gen = torch.Generator().manual_seed(seed)
     g, c = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
     expected = (0 if first else c.double()) + 0.25 * g.double()
-    scal = torch.zeros(16, dtype=torch.float64)
+    scal = torch.zeros(24, dtype=torch.float64)
     ops().collect(c, g, 0.25, 0.5, first, False, scal)
     np.testing.assert_allclose(c.double().numpy(), expected.numpy(), rtol=TOL[dtype] * 4,
                                atol=TOL[dtype] * 4)
@@ -88,7 +88,7 @@ def test_update_matches_float64(seg, dtype, seed, mode, momentum, use_xg):
         use_xg = True
     bounds = [0] + [int(b) for b in np.cumsum(seg)]
     coef = torch.tensor([0.01 * (k % 3) for k in range(len(seg))], dtype=torch.float64)
-    scal = torch.zeros(16, dtype=torch.float64)
+    scal = torch.zeros(24, dtype=torch.float64)
     scal[10], scal[11], scal[12], scal[13] = mode, 0.3, 0.5, 0.75  # mode, s, t, inv
     X, Dd, G, XG = (t.double().numpy().copy() for t in (x, d, g, xg))
     C = np.concatenate([np.full(s, coef[k].item()) for k, s in enumerate(seg)]) if n else X

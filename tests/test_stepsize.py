@@ -5,7 +5,8 @@ import math
 import pytest
 
 from elra.control import StepInputs
-from elra.stepsize import ALPHA_MAX, ALPHA_MIN, Scalars, accepted_update, retrace_update
+from elra.stepsize import (ALPHA_MAX, ALPHA_MIN, RETRACE_ALPHA_MIN, Scalars, accepted_update,
+                           retrace_update)
 
 BIG = StepInputs(growth=1e6, lr_schedule=0.5, lr_warmup=10.0)
 
@@ -76,11 +77,15 @@ def test_deterministic_retrace_parabola():
     assert sc.lr == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("f", [math.nan, math.inf, -5.0])
-def test_deterministic_retrace_fallback(f):
+@pytest.mark.parametrize("f,alpha", [(math.nan, 0.01), (math.inf, RETRACE_ALPHA_MIN),
+                                     (-5.0, RETRACE_ALPHA_MIN), (-1.0, 0.01)])
+def test_deterministic_retrace_fallback(f, alpha):
+    # as the reference: a NaN loss shrinks alpha 100x (so does a parabola through d = 0, where
+    # the factor is not finite); an infinite loss (factor 0) or a parabola without a minimum
+    # (factor < 0) sends alpha to its floor
     sc = Scalars(alpha=1.0, lr=0.1)
     retrace_update(sc, f=f, f_last=1.0, p_sqnorm=2.0, stochastic=False)
-    assert sc.alpha == pytest.approx(0.01)
+    assert sc.alpha == pytest.approx(alpha)
 
 
 def test_stochastic_retrace_halves_lr_only():
