@@ -57,6 +57,9 @@ QUADRATICS = [
     dict(seed=12, n=600, classes=10, batch=64, wd=0.9999, spike_p=0.15, momentum=0.5,
          valid_every=30),
     dict(seed=13, n=600, classes=0, batch=64, wd=1e-3, spike_p=0.15, valid_every=30),
+    # losses that drift upwards: stalled long windows, then batch growth and harder decay
+    dict(seed=14, n=1300, classes=10, batch=768, drift=0.0003),
+    dict(seed=16, n=1000, classes=0, batch=768, wd=1e-3, drift=0.0003, valid_every=100),
 ]
 
 ROSENBROCK_STARTS = [(0.3, 0.8), (-1.2, 1.0)]
@@ -90,7 +93,7 @@ def probe(classes, losses, retrace_at, engine=None):
 
 
 def quadratic(seed, n, classes, batch, wd=0.0, valid_every=0, warmup=1, momentum=None,
-              spike_p=0.03, dim=7, engine=None):
+              spike_p=0.03, drift=0.0, dim=7, engine=None):
     """A noisy quadratic with loss spikes and NaN losses; x at every SAMPLE_EVERY-th call."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +110,7 @@ def quadratic(seed, n, classes, batch, wd=0.0, valid_every=0, warmup=1, momentum
         opt.zero_grad()
         noise = torch.randn(dim, generator=gen, dtype=torch.float64) * 0.3
         x.grad = x.detach() * curvature + noise
-        f = base = float((x.detach() ** 2).sum()) + rng.uniform(0, 0.5)
+        f = base = float((x.detach() ** 2).sum()) + rng.uniform(0, 0.5) + drift * i
         r = rng.random()
         if r < spike_p:
             f = math.inf
