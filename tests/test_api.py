@@ -233,6 +233,25 @@ def test_failure_on_the_very_first_call_leaves_parameters():
     assert torch.equal(p, before) and not opt._control.started
 
 
+@pytest.mark.parametrize("engine", ["torch", "native"])
+@pytest.mark.parametrize("regime", ["stochastic", "deterministic"])
+def test_vanished_gradient_and_zero_parameters_are_safe(engine, regime):
+    """A gradient that is exactly zero (a solved problem; the reference raises
+    ZeroDivisionError there) and parameters that are all zero (|x| = 0 in the weight decay):
+    no exception, no NaN, and training goes on once the gradient returns."""
+    if engine == "native" and not elra.native_status()["cpu"]:
+        pytest.skip("native kernels not built")
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = ElraOptimizer([p], lr=1e-3, regime=regime, weight_decay=1e-3, engine=engine)
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(((p.detach() - 1) ** 2).sum())  # the true loss, with a zero gradient
+        assert all_finite([p]) and math.isfinite(opt.param_groups[0]["lr"])
+    for _ in range(30):
+        quad_step(p, opt)
+    assert all_finite([p]) and ((p - 1) ** 2).sum().item() < 1.0
+
+
 def test_sparse_gradient_error():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = ElraOptimizer(emb.parameters(), regime="stochastic")
