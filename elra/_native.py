@@ -7,6 +7,7 @@ engine is used and :func:`native_status` says why.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -29,6 +30,10 @@ def _register_fakes() -> None:
 
 if os.environ.get("ELRA_DISABLE_NATIVE", "") not in ("", "0"):
     _error = "disabled by ELRA_DISABLE_NATIVE"
+elif importlib.util.find_spec(f"{__package__}._C") is None:
+    _error = ("the extension elra._C is not built (installed with ELRA_NATIVE=0, or its build "
+              "failed: reinstall with ELRA_NATIVE=cpu to see why)")
+    logger.info("elra: %s; using the pure-torch engine", _error)
 else:
     try:
         from . import _C  # noqa: F401  (registers the operators)

@@ -12,16 +12,28 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip, without the notes about missing local package folders; pip's own exit status is kept
+pipq() { "${PIP[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 stamp="$VENV/.elra-deps"
 want="$TORCH_SPEC $(cat "$ROOT/requirements-dev.txt" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing $TORCH_SPEC and the dev requirements"
-  "${PIP[@]}" install "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-  "${PIP[@]}" install -r "$ROOT/requirements-dev.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest" 
+  pipq install "$TORCH_SPEC"
+  pipq install -r "$ROOT/requirements-dev.txt"
+  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest"
   echo "$want" > "$stamp"
 fi
-echo "[setup] installing elra (editable)"
-( cd "$ROOT" && "${PIP[@]}" install --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true )
-"$VENV/bin/python" -c "import elra; print('[setup] elra', elra.__version__, 'from', elra.__file__)"
+echo "[setup] installing elra (editable, native kernels built against the installed torch)"
+( cd "$ROOT" && pipq install --no-build-isolation --no-deps -e . )
+# The native kernels must have built here (this machine has a compiler), unless switched off:
+# a failed build would otherwise only show as skipped tests.
+"$VENV/bin/python" - <<'EOF'
+import os, sys
+import elra
+status = elra.native_status()
+print(f"[setup] elra {elra.__version__} from {os.path.dirname(elra.__file__)}; native: {status}")
+if not status["cpu"] and os.environ.get("ELRA_NATIVE", "auto") not in ("0", "off", "no"):
+    sys.exit("[setup] the native kernels did not build: see the pip output above "
+             "(ELRA_NATIVE=0 runs everything on the pure-torch engine)")
+EOF
 export ELRA_PYTHON="$VENV/bin/python"

@@ -89,6 +89,38 @@ def test_native_engine_refuses_what_it_cannot_run():
     assert ElraOptimizer([meta], regime="stochastic").engine_name == "torch"
 
 
+def test_without_native_kernels_the_torch_engine_takes_over():
+    """With the kernels unavailable (here: switched off before import), import works, the
+    reason is reported, "auto" falls back to pure torch and "native" refuses clearly."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, elra
+from elra import ElraOptimizer
+st = elra.native_status()
+assert st == {"built": False, "cpu": False, "cuda": False,
+              "error": "disabled by ELRA_DISABLE_NATIVE"}, st
+p = torch.nn.Parameter(torch.ones(3))
+opt = ElraOptimizer([p], regime="stochastic")
+assert opt.engine_name == "torch"
+for _ in range(5):
+    opt.zero_grad(); loss = (p ** 2).sum(); loss.backward(); opt.step(loss)
+assert opt.last_outcome == "accepted" and (p ** 2).sum().item() < 3.0
+try:
+    ElraOptimizer([p], regime="stochastic", engine="native")
+except RuntimeError as e:
+    assert "ELRA_DISABLE_NATIVE" in str(e), e
+else:
+    raise AssertionError("engine='native' did not raise")
+print("ok")
+"""
+    env = dict(os.environ, ELRA_DISABLE_NATIVE="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
 def test_bad_parameter_lists():
     with pytest.raises(ValueError, match="empty"):
         ElraOptimizer([], regime="stochastic")
