@@ -8,6 +8,17 @@
 // The previous direction is written in the same pass that moves x, and the retrace point is
 // recovered algebraically in the stochastic regime (see the note in elra/engine.py).
 //
+// [note: why the direction is written rather than swapped in]
+// Keeping the previous direction by swapping the gradient and direction buffers, instead of
+// writing d, would save one write stream per step: at 32M float32 parameters on 2 cores the
+// update pass takes about 10.4 ms with the d write against 8.8 ms for x -= s g alone, which would
+// take the step from 0.93-0.99x to about 0.85x of fused Adam. It is not done, because p.grad
+// would then alias the direction after every step, and in-place zeroing of gradients
+// (model.zero_grad(set_to_none=False), p.grad.zero_(), frameworks that do either) would silently
+// destroy the direction with no way to recover it. The reduction pass reads g and d in about 1.07x
+// the time of torch.dot(g, d), which forms one sum to our two; four accumulators per sum and
+// software prefetch did not change that (measured and dropped).
+//
 // [note: deterministic reductions]
 // Sums are formed per fixed-size chunk (independent of the thread count) in the opmath type and
 // the chunk sums are added in order in double, so results do not depend on threading.
