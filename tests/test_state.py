@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elra import ElraGradScaler, ElraOptimizer
+from elra import ElraGradScaler, ElraOptimizer, native_status
 from conftest import roundtrip
 
 
@@ -48,22 +48,28 @@ def flat_state(opt):
     return tensors, copy.deepcopy(sd["param_groups"])
 
 
+ENGINES = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native_status()["cpu"], reason="native kernels not built"))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("regime", ["stochastic", "deterministic"])
 @pytest.mark.parametrize("momentum", [None, 0.5])
-def test_exact_resume(regime, momentum):
+def test_exact_resume(regime, momentum, engine):
     n = 251  # odd: the checkpoint holds a partial gradient collection
     nan_at = (37, 300)
-    model_a, opt_a = make(regime, collects=2, momentum=momentum)
+    model_a, opt_a = make(regime, collects=2, momentum=momentum, engine=engine)
     opt_a.get_boost_model(True, model_a)
     train(model_a, opt_a, 0, 2 * n, nan_at, boost_every=80)
 
-    model_b, opt_b = make(regime, collects=2, momentum=momentum)
+    model_b, opt_b = make(regime, collects=2, momentum=momentum, engine=engine)
     opt_b.get_boost_model(True, model_b)
     train(model_b, opt_b, 0, n, nan_at, boost_every=80)
     assert opt_b._engine.collected_count == 1 and opt_b._booster.count > 0
     ckpt = roundtrip({"model": model_b.state_dict(), "optim": opt_b.state_dict()})
 
-    model_c, opt_c = make(regime, seed=123, momentum=momentum)  # other init, no collection yet
+    # other init, no collection yet
+    model_c, opt_c = make(regime, seed=123, momentum=momentum, engine=engine)
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["optim"])
     train(model_c, opt_c, n, 2 * n, nan_at, boost_every=80)
@@ -77,6 +83,31 @@ def test_exact_resume(regime, momentum):
     assert ga == gc
     assert ta.keys() == tc.keys()
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+@pytest.mark.skipif(not native_status()["cpu"], reason="native kernels not built")
+@pytest.mark.parametrize("saved,loaded", [("native", "torch"), ("torch", "native")])
+def test_checkpoint_moves_between_engines(saved, loaded):
+    """A checkpoint of one engine resumes on the other: the same decisions afterwards and the
+    parameters of an uninterrupted run to float32 rounding (the engines round differently)."""
+    model_a, opt_a = make("stochastic", engine=saved)
+    train(model_a, opt_a, 0, 160, nan_at=(37,))
+    model_b, opt_b = make("stochastic", engine=saved)
+    train(model_b, opt_b, 0, 80, nan_at=(37,))
+    ckpt = roundtrip({"model": model_b.state_dict(), "optim": opt_b.state_dict()})
+    model_c, opt_c = make("stochastic", seed=5, engine=loaded)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["optim"])
+    assert opt_c.engine_name == loaded
+    train(model_c, opt_c, 80, 160, nan_at=(37,))
+    ca, cc = opt_a._control.to_dict(), opt_c._control.to_dict()
+    for k, v in ca.items():  # same decisions (counters, flags); statistics to rounding
+        if isinstance(v, float):
+            assert cc[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
+        else:
+            assert cc[k] == pytest.approx(v), k
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.allclose(pa, pc, rtol=1e-4, atol=1e-5)
 
 
 def test_state_dict_layout_is_torch_standard():
