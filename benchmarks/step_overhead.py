@@ -10,7 +10,7 @@ Columns:
 * ``MB moved``: bytes each step must read and write at least (the passes of the implementation
   times the buffer size; see ``STREAMS``), and ``x floor``: the median time over the time that
   traffic takes at the copy bandwidth measured in this process (1.0 = memory-bound optimum).
-* ``extra mem``: the optimizer's state in units of the parameters' size.
+* ``extra mem``: the optimizer's state and working buffers in units of the parameters' size.
 
 The reference package (``pip install elra==0.0.5``, GPL research code that also imports as
 ``elra``) must live in its own virtual environment; pass its interpreter with
@@ -40,7 +40,7 @@ STREAMS = {
     "Adam(fused=True)": 7,  # x, g, m, v read; x, m, v written
     "Adam(foreach=True)": 7,  # at least as fused; in practice several more passes
     "SGD(foreach=True)": 3,  # x, g read; x written
-    "elra native": 6,  # reduce: g, d read; update: x, g read, x, d written
+    "elra native": 5,  # one pass: x, g, d_prev read; x, d_new written
     "elra torch": 8,  # 2 dots (g, d; g), d <- g (read, write), x <- x - s d (2 reads, write)
 }
 DEFAULT_SIZES = ["100k:50", "1M:4", "8M:4", "32M:4"]
@@ -63,14 +63,18 @@ def make_params(numel: int, tensors: int, seed: int = 0) -> list[torch.nn.Parame
 
 
 def state_bytes(opt) -> int:
+    """Bytes of the optimizer's state tensors and (ELRA) its engine's working buffers."""
+    tensors = [v for entry in opt.state.values() for v in entry.values()
+               if isinstance(v, torch.Tensor) and v.numel() > 1]
+    engine = getattr(opt, "_engine", None)
+    if engine is not None:
+        tensors += engine.scratch_buffers()
     seen, total = set(), 0
-    for entry in opt.state.values():
-        for v in entry.values():
-            if isinstance(v, torch.Tensor) and v.numel() > 1:
-                st = v.untyped_storage()
-                if st.data_ptr() not in seen:
-                    seen.add(st.data_ptr())
-                    total += st.nbytes()
+    for v in tensors:
+        st = v.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
     return total
 
 

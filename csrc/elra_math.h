@@ -9,6 +9,18 @@
 // update (finalize) reads the reductions and the host's inputs and rewrites the slots; the
 // element-wise update kernel then reads its mode and step sizes from the same tensor, so a normal
 // step needs no host round trip.
+//
+// [note: the one-pass stochastic step]
+// In the stochastic regime the step applied is lr = max(1e-5, min(lr_schedule, lr_warmup)), known
+// to the host before the step, unless the clip (lr |g| <= 10) or a non-finite gradient changes
+// it; the reductions only steer alpha. So a normal stochastic step runs as one pass
+// (step_fused): it reads x, g and the previous direction d_prev, forms the sums of the
+// reductions, writes the new direction into a second buffer d_new and moves x by that lr, where
+// g is finite. finalize (kind KIND_ACCEPT_FUSED) then decides from the sums as usual, and a
+// fix-up pass (fixup) runs only when the guess was wrong: the clip shifts x along d_new
+// (MODE_SHIFT); a non-finite gradient undoes the move, retraces along d_prev and copies d_prev
+// into d_new (MODE_UNDO_RETRACE). The engine then swaps the two direction buffers. Five memory
+// streams instead of six (g is read once), one more buffer of the parameters' size.
 #pragma once
 
 #include <cmath>
@@ -41,11 +53,20 @@ enum Slot : int {
   GRAD_SQ = 14,    // |inv * g|^2 of the last reduction or collection
   APPLIED = 15,    // x = x_good - APPLIED * d: the multiple of the stored direction now applied
   HAS_POINT = 16,  // 1 once there is a point to retrace to (see set_retrace)
+  CLIPPED = 17,    // 1 if the last accepted step was shortened by the clip
   NUM_SLOTS = 24
 };
 
 enum Status : int { ST_OK = 0, ST_RETRACE = 1, ST_BAD_GRADIENT = 2, ST_NONE = 3 };
-enum Mode : int { MODE_NONE = 0, MODE_STEP = 1, MODE_RETRACE_COPY = 2, MODE_RETRACE_ALGEBRAIC = 3 };
+enum Mode : int {
+  MODE_NONE = 0,
+  MODE_STEP = 1,
+  MODE_RETRACE_COPY = 2,
+  MODE_RETRACE_ALGEBRAIC = 3,
+  MODE_SHIFT = 4,         // fixup after step_fused: x += MOVE_S d_new (the clip)
+  MODE_UNDO_RETRACE = 5,  // fixup: x += MOVE_S d_new where g is finite, x += MOVE_T d_prev,
+                          // d_new <- d_prev (a non-finite gradient)
+};
 
 // --- constants (names as in elra/control.py and elra/stepsize.py) -------------------------------
 constexpr double CLIP = 10.0;
@@ -73,13 +94,17 @@ struct FinalizeParams {
   int with_x;          // weight decay active: reductions hold the x terms
   int half;            // half-precision buffer: the 65e3 gradient-norm limit applies
   int keep_copy;       // a retrace-point copy exists
+  double spec;         // KIND_ACCEPT_FUSED: the step step_fused already applied
   int nseg;            // segments
   double wd[MAX_SEGMENTS];  // per segment weight-decay base (times kappa = gna / |x|)
 };
 
-enum Kind : int { KIND_FIRST = 0, KIND_ACCEPT = 1, KIND_RETRACE = 2 };
+enum Kind : int { KIND_FIRST = 0, KIND_ACCEPT = 1, KIND_RETRACE = 2, KIND_ACCEPT_FUSED = 3 };
 
-ELRA_HD bool finite(double v) { return v == v && v - v == 0.0; }
+template <typename V>
+ELRA_HD bool finite(V v) {
+  return v == v && v - v == V(0);
+}
 
 // Point 6: alpha/lr update of an accepted step; returns the step size to apply.
 ELRA_HD double accepted_update(double* s, double S, double grad_norm, const FinalizeParams& p) {
@@ -92,6 +117,7 @@ ELRA_HD double accepted_update(double* s, double S, double grad_norm, const Fina
   }
   double lr = p.lr_schedule < p.lr_warmup ? p.lr_schedule : p.lr_warmup;
   if (lr < LR_MIN) lr = LR_MIN;
+  s[CLIPPED] = lr * grad_norm > CLIP ? 1.0 : 0.0;
   if (lr * grad_norm > CLIP) lr = CLIP / grad_norm;
   s[LR] = lr;
   if (p.stochastic && S > 0.0 && lr / S < alpha) alpha = lr / S;
@@ -144,6 +170,18 @@ ELRA_HD void set_retrace(double* s, const FinalizeParams& p, int status) {
   s[MOVE_S] = nw * s[DIR_SCALE];  // back along p = DIR_SCALE * d (with momentum p != d)
   s[MOVE_T] = old;
   s[APPLIED] = s[MOVE_S];
+}
+
+// A non-finite gradient after step_fused: the scalars of a retrace, and a fixup that first undoes
+// the speculative move (MOVE_S along d_new, where g was finite), then retraces (MOVE_T along
+// d_prev; nothing when there is no point yet) and restores d_prev as the direction.
+ELRA_HD void set_retrace_fused(double* s, const FinalizeParams& p) {
+  const bool had_point = s[HAS_POINT] != 0.0;
+  set_retrace(s, p, ST_BAD_GRADIENT);
+  const double shift = had_point ? s[MOVE_T] - s[MOVE_S] : 0.0;
+  s[MODE] = MODE_UNDO_RETRACE;
+  s[MOVE_S] = p.spec;
+  s[MOVE_T] = shift;
 }
 
 // The step-size update of one call, from the reductions `red` (nseg x RED_WIDTH, raw gradient)
@@ -200,7 +238,10 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
     return;
   }
   if (!ok) {
-    set_retrace(s, p, ST_BAD_GRADIENT);
+    if (p.kind == KIND_ACCEPT_FUSED)
+      set_retrace_fused(s, p);
+    else
+      set_retrace(s, p, ST_BAD_GRADIENT);
     return;
   }
   const double denom = s[DIR_SCALE] * s[DIR_SQ];
@@ -217,8 +258,14 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
     s[DIR_SCALE] = sq > 0.0 ? g_new / sq : 1.0;
   }
   s[NORM_SUM] += p_norm(s);
-  s[MODE] = MODE_STEP;
-  s[MOVE_S] = step;
+  if (p.kind == KIND_ACCEPT_FUSED) {  // x already moved by p.spec along d_new
+    const double shift = p.spec - step;
+    s[MODE] = shift == 0.0 ? MODE_NONE : MODE_SHIFT;
+    s[MOVE_S] = shift;
+  } else {
+    s[MODE] = MODE_STEP;
+    s[MOVE_S] = step;
+  }
   s[APPLIED] = step;
   s[HAS_POINT] = 1.0;
   s[STATUS] = ST_OK;
@@ -244,6 +291,31 @@ ELRA_HD void update_element(int mode, T& x, T& d, T* xg, T g, Acc inv, Acc c, Ac
     x = static_cast<T>(static_cast<Acc>(*xg) - s * static_cast<Acc>(d));
   } else if (mode == MODE_RETRACE_ALGEBRAIC) {
     x = static_cast<T>(static_cast<Acc>(x) + (t - s) * static_cast<Acc>(d));
+  }
+}
+
+// One element of step_fused: the new direction dn = b d_prev + (1 - b) inv g goes to d_new, and x
+// moves by the speculative step s where g is finite (elsewhere x is kept, so that an undo can
+// restore it). For finite g this is MODE_STEP of update_element without weight decay.
+template <typename T, typename Acc>
+ELRA_HD void fused_element(T& x, T dp, T& dnew, T g, Acc inv, Acc b, Acc s) {
+  const Acc gv = static_cast<Acc>(g);
+  Acc dn = inv * gv;
+  if (b != Acc(0)) dn = b * static_cast<Acc>(dp) + (Acc(1) - b) * dn;
+  const T dt = static_cast<T>(dn);
+  dnew = dt;
+  if (finite(gv)) x = static_cast<T>(static_cast<Acc>(x) - s * static_cast<Acc>(dt));
+}
+
+// One element of fixup (after step_fused and finalize): see MODE_SHIFT and MODE_UNDO_RETRACE.
+template <typename T, typename Acc>
+ELRA_HD void fixup_element(int mode, T& x, T dp, T& dnew, T g, Acc u, Acc r) {
+  if (mode == MODE_SHIFT) {
+    x = static_cast<T>(static_cast<Acc>(x) + u * static_cast<Acc>(dnew));
+  } else if (mode == MODE_UNDO_RETRACE) {
+    if (finite(static_cast<Acc>(g))) x = static_cast<T>(static_cast<Acc>(x) + u * static_cast<Acc>(dnew));
+    x = static_cast<T>(static_cast<Acc>(x) + r * static_cast<Acc>(dp));
+    dnew = dp;
   }
 }
 

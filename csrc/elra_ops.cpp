@@ -31,6 +31,8 @@
 
 #include <Python.h>
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -71,8 +73,26 @@ void check_bounds(at::IntArrayRef bounds, int64_t numel) {
 #define ELRA_HAVE_AVX2_PATH 1
 #include <immintrin.h>
 
+// ELRA_CPU_ISA=avx2 or =generic (read once) caps the instruction set the kernels use, so that
+// the tests can run every code path on a machine that has them all.
+int isa_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("ELRA_CPU_ISA");
+    if (v == nullptr) return 2;
+    const std::string s(v);
+    return s == "generic" ? 0 : (s == "avx2" ? 1 : 2);
+  }();
+  return cap;
+}
+
 bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = isa_cap() >= 2 && __builtin_cpu_supports("avx512f");
   return ok;
 }
 
@@ -163,6 +183,95 @@ __attribute__((target("avx2,fma"))) void step_chunk_avx2(float* __restrict__ x,
     }
     _mm256_storeu_ps(x + i, _mm256_fnmadd_ps(vs, dt, xo));
   }
+  for (; i < e; ++i) scalar(i);
+  if (stream) _mm_sfence();
+}
+
+// step_fused for float32 without momentum: the sums <g, d_prev> and |g|^2 (one 8-wide
+// accumulator each, in the order of the elements after the alignment peel), dn <- inv g into
+// d_new (streamed, as in step_chunk_avx2), x <- x - s dn where g is finite.
+__attribute__((target("avx2,fma"))) void fused_chunk_avx2(float* __restrict__ x,
+                                                          const float* __restrict__ dp,
+                                                          float* __restrict__ dn,
+                                                          const float* __restrict__ g, int64_t b,
+                                                          int64_t e, float inv, float s,
+                                                          bool stream, double* sums) {
+  int64_t i = b;
+  auto scalar = [&](int64_t k) {
+    const float gv = g[k];
+    sums[0] += gv * dp[k];
+    sums[1] += gv * gv;
+    fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
+  };
+  if (stream)
+    for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 31) != 0; ++i) scalar(i);
+  const __m256 vi = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
+  __m256 gd = zero, gg = zero;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 g0 = _mm256_loadu_ps(g + i), x0 = _mm256_loadu_ps(x + i);
+    gd = _mm256_fmadd_ps(g0, _mm256_loadu_ps(dp + i), gd);
+    gg = _mm256_fmadd_ps(g0, g0, gg);
+    const __m256 dt = _mm256_mul_ps(vi, g0);
+    const __m256 ok = _mm256_cmp_ps(_mm256_sub_ps(g0, g0), zero, _CMP_EQ_OQ);  // g finite
+    _mm256_storeu_ps(x + i, _mm256_blendv_ps(x0, _mm256_fnmadd_ps(vs, dt, x0), ok));
+    if (stream)
+      _mm256_stream_ps(dn + i, dt);
+    else
+      _mm256_storeu_ps(dn + i, dt);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, gd);
+  for (int l = 0; l < 8; ++l) sums[0] += lanes[l];
+  _mm256_storeu_ps(lanes, gg);
+  for (int l = 0; l < 8; ++l) sums[1] += lanes[l];
+  for (; i < e; ++i) scalar(i);
+  if (stream) _mm_sfence();
+}
+
+// The same with AVX-512: masked stores keep x where g is not finite (cheaper than the blend; at
+// 32M parameters about 7% faster than the AVX2 version on this machine).
+__attribute__((target("avx512f"))) void fused_chunk_avx512(float* __restrict__ x,
+                                                          const float* __restrict__ dp,
+                                                          float* __restrict__ dn,
+                                                          const float* __restrict__ g, int64_t b,
+                                                          int64_t e, float inv, float s,
+                                                          bool stream, double* sums) {
+  int64_t i = b;
+  auto scalar = [&](int64_t k) {
+    const float gv = g[k];
+    sums[0] += gv * dp[k];
+    sums[1] += gv * gv;
+    fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
+  };
+  if (stream)
+    for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 63) != 0; ++i) scalar(i);
+  const __m512 vi = _mm512_set1_ps(inv), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
+  __m512 gd0 = zero, gd1 = zero, gg0 = zero, gg1 = zero;
+  for (; i + 32 <= e; i += 32) {
+    const __m512 g0 = _mm512_loadu_ps(g + i), g1 = _mm512_loadu_ps(g + i + 16);
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    gd0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(dp + i), gd0);
+    gd1 = _mm512_fmadd_ps(g1, _mm512_loadu_ps(dp + i + 16), gd1);
+    gg0 = _mm512_fmadd_ps(g0, g0, gg0);
+    gg1 = _mm512_fmadd_ps(g1, g1, gg1);
+    const __m512 t0 = _mm512_mul_ps(vi, g0), t1 = _mm512_mul_ps(vi, g1);
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(_mm512_sub_ps(g0, g0), zero, _CMP_EQ_OQ);
+    const __mmask16 ok1 = _mm512_cmp_ps_mask(_mm512_sub_ps(g1, g1), zero, _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(x + i, ok0, _mm512_fnmadd_ps(vs, t0, x0));
+    _mm512_mask_storeu_ps(x + i + 16, ok1, _mm512_fnmadd_ps(vs, t1, x1));
+    if (stream) {
+      _mm512_stream_ps(dn + i, t0);
+      _mm512_stream_ps(dn + i + 16, t1);
+    } else {
+      _mm512_storeu_ps(dn + i, t0);
+      _mm512_storeu_ps(dn + i + 16, t1);
+    }
+  }
+  float lanes[16];
+  _mm512_storeu_ps(lanes, _mm512_add_ps(gd0, gd1));
+  for (int l = 0; l < 16; ++l) sums[0] += lanes[l];
+  _mm512_storeu_ps(lanes, _mm512_add_ps(gg0, gg1));
+  for (int l = 0; l < 16; ++l) sums[1] += lanes[l];
   for (; i < e; ++i) scalar(i);
   if (stream) _mm_sfence();
 }
@@ -310,7 +419,7 @@ void collect_cpu(at::Tensor& coll, const at::Tensor& g, double weight, double in
 }  // namespace
 
 FinalizeParams make_params(at::ArrayRef<double> params, at::ArrayRef<double> wd) {
-  TORCH_CHECK(params.size() == 12, "elra: finalize expects 12 parameters, got ", params.size());
+  TORCH_CHECK(params.size() == 13, "elra: finalize expects 13 parameters, got ", params.size());
   TORCH_CHECK(wd.size() <= static_cast<size_t>(MAX_SEGMENTS), "elra: too many segments");
   FinalizeParams p{};
   p.growth = params[0];
@@ -325,6 +434,7 @@ FinalizeParams make_params(at::ArrayRef<double> params, at::ArrayRef<double> wd)
   p.with_x = static_cast<int>(params[9]);
   p.half = static_cast<int>(params[10]);
   p.keep_copy = static_cast<int>(params[11]);
+  p.spec = params[12];
   p.nseg = static_cast<int>(wd.size());
   for (size_t k = 0; k < wd.size(); ++k) p.wd[k] = wd[k];
   return p;
@@ -392,6 +502,144 @@ void update_range(int mode, T* x, T* d, T* xg, const T* g, int64_t n, double inv
   });
 }
 
+// step_fused over [b, e) for any dtype and momentum: sums in the opmath type (LANES lanes).
+template <typename T>
+ELRA_CLONES void fused_chunk(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
+                             const T* __restrict__ g, int64_t b, int64_t e,
+                             at::opmath_type<T> inv, at::opmath_type<T> mb,
+                             at::opmath_type<T> s, double* sums) {
+  using Acc = at::opmath_type<T>;
+  Acc gd[LANES] = {}, gg[LANES] = {};
+  int64_t i = b;
+  for (; i + LANES <= e; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      const Acc gv = static_cast<Acc>(g[i + l]);
+      gd[l] += gv * static_cast<Acc>(dp[i + l]);
+      gg[l] += gv * gv;
+      fused_element<T, Acc>(x[i + l], dp[i + l], dn[i + l], g[i + l], inv, mb, s);
+    }
+  for (; i < e; ++i) {
+    const Acc gv = static_cast<Acc>(g[i]);
+    gd[0] += gv * static_cast<Acc>(dp[i]);
+    gg[0] += gv * gv;
+    fused_element<T, Acc>(x[i], dp[i], dn[i], g[i], inv, mb, s);
+  }
+  for (int l = 0; l < LANES; ++l) {
+    sums[0] += gd[l];
+    sums[1] += gg[l];
+  }
+}
+
+// One segment of step_fused: per fixed-size chunk in parallel, chunk sums added in order.
+template <typename T>
+void fused_range(T* x, const T* dp, T* dn, const T* g, int64_t n, double inv, double b, double s,
+                 double* out5) {
+  using Acc = at::opmath_type<T>;
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(static_cast<size_t>(nchunks) * 2, 0.0);
+  constexpr int64_t STREAM_FROM = int64_t(1) << 22;  // as in update_range
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK);
+      double* sums = partial.data() + 2 * c;
+#ifdef ELRA_HAVE_AVX2_PATH
+      if constexpr (std::is_same_v<T, float>) {
+        if (b == 0.0 && cpu_has_avx512()) {
+          fused_chunk_avx512(x, dp, dn, g, lo, hi, static_cast<float>(inv),
+                             static_cast<float>(s), n >= STREAM_FROM, sums);
+          continue;
+        }
+        if (b == 0.0 && cpu_has_avx2()) {
+          fused_chunk_avx2(x, dp, dn, g, lo, hi, static_cast<float>(inv), static_cast<float>(s),
+                           n >= STREAM_FROM, sums);
+          continue;
+        }
+      }
+#endif
+      fused_chunk<T>(x, dp, dn, g, lo, hi, static_cast<Acc>(inv), static_cast<Acc>(b),
+                     static_cast<Acc>(s), sums);
+    }
+  });
+  for (int64_t c = 0; c < nchunks; ++c) {
+    out5[0] += partial[2 * c];
+    out5[1] += partial[2 * c + 1];
+  }
+}
+
+void step_fused_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
+                    at::IntArrayRef bounds, double inv, double momentum, double step,
+                    at::Tensor& out) {
+  check_flat(x, "x");
+  check_flat(dp, "d_prev");
+  check_flat(dn, "d_new");
+  check_flat(g, "g");
+  TORCH_CHECK(x.scalar_type() == dp.scalar_type() && x.scalar_type() == dn.scalar_type() &&
+                  x.scalar_type() == g.scalar_type(),
+              "elra: x, d_prev, d_new and g must share a dtype");
+  TORCH_CHECK(x.numel() == dp.numel() && x.numel() == dn.numel() && x.numel() == g.numel(),
+              "elra: size mismatch");
+  TORCH_CHECK(x.numel() == 0 || (dn.data_ptr() != dp.data_ptr() && dn.data_ptr() != x.data_ptr() &&
+                                 dn.data_ptr() != g.data_ptr()),
+              "elra: d_new must be a buffer of its own");
+  check_bounds(bounds, x.numel());
+  const int nseg = static_cast<int>(bounds.size()) - 1;
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
+                  out.numel() >= nseg * RED_WIDTH,
+              "elra: out must be a contiguous float64 tensor of nseg * 5 elements");
+  double* o = out.data_ptr<double>();
+  for (int k = 0; k < nseg * RED_WIDTH; ++k) o[k] = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_step_fused", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dpp = dp.data_ptr<scalar_t>();
+    scalar_t* dnp = dn.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int k = 0; k < nseg; ++k) {
+      const int64_t b = bounds[k], n = bounds[k + 1] - b;
+      if (n == 0) continue;
+      fused_range<scalar_t>(xp + b, dpp + b, dnp + b, gp + b, n, inv, momentum, step,
+                            o + k * RED_WIDTH);
+    }
+  });
+}
+
+template <typename T>
+ELRA_CLONES void fixup_chunk(int mode, T* __restrict__ x, const T* __restrict__ dp,
+                             T* __restrict__ dn, const T* __restrict__ g, int64_t b, int64_t e,
+                             at::opmath_type<T> u, at::opmath_type<T> r) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = b; i < e; ++i) fixup_element<T, Acc>(mode, x[i], dp[i], dn[i], g[i], u, r);
+}
+
+void fixup_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
+               const at::Tensor& scal) {
+  check_flat(x, "x");
+  check_flat(dp, "d_prev");
+  check_flat(dn, "d_new");
+  check_flat(g, "g");
+  TORCH_CHECK(x.scalar_type() == dp.scalar_type() && x.scalar_type() == dn.scalar_type() &&
+                  x.scalar_type() == g.scalar_type(),
+              "elra: x, d_prev, d_new and g must share a dtype");
+  TORCH_CHECK(x.numel() == dp.numel() && x.numel() == dn.numel() && x.numel() == g.numel(),
+              "elra: size mismatch");
+  TORCH_CHECK(scal.scalar_type() == at::kDouble && scal.is_contiguous() && scal.numel() >= NUM_SLOTS,
+              "elra: bad scalar state tensor");
+  const double* s = scal.data_ptr<double>();
+  const int mode = static_cast<int>(s[MODE]);
+  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE) return;
+  const int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_fixup", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dpp = dp.data_ptr<scalar_t>();
+    scalar_t* dnp = dn.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const Acc u = static_cast<Acc>(s[MOVE_S]), r = static_cast<Acc>(s[MOVE_T]);
+    at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
+      fixup_chunk<scalar_t>(mode, xp, dpp, dnp, gp, lo, hi, u, r);
+    });
+  });
+}
+
 void update_cpu(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
                 const std::optional<at::Tensor>& xg, const at::Tensor& scal,
                 const at::Tensor& coef, at::IntArrayRef bounds, double momentum) {
@@ -437,6 +685,9 @@ TORCH_LIBRARY(elra, m) {
   m.def("finalize(Tensor red, Tensor(a!) scal, Tensor(b!) coef, float[] params, float[] wd) -> ()");
   m.def("update(Tensor(a!) x, Tensor(b!) d, Tensor g, Tensor(c!)? xg, Tensor scal, Tensor coef, "
         "int[] bounds, float momentum) -> ()");
+  m.def("step_fused(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, int[] bounds, "
+        "float inv, float momentum, float step, Tensor(c!) out) -> ()");
+  m.def("fixup(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(elra, CPU, m) {
@@ -444,6 +695,8 @@ TORCH_LIBRARY_IMPL(elra, CPU, m) {
   m.impl("collect", &elra::collect_cpu);
   m.impl("finalize", &elra::finalize_cpu);
   m.impl("update", &elra::update_cpu);
+  m.impl("step_fused", &elra::step_fused_cpu);
+  m.impl("fixup", &elra::fixup_cpu);
 }
 
 // An empty module: importing elra._C registers the operators above.

@@ -25,7 +25,7 @@ def _register_fakes() -> None:
     Every op only mutates its arguments in place and returns nothing, so there is nothing to
     compute for shapes.
     """
-    for name in ("reduce", "collect", "finalize", "update"):
+    for name in ("reduce", "collect", "finalize", "update", "step_fused", "fixup"):
         torch.library.register_fake(f"elra::{name}")(lambda *args, **kwargs: None)
 
 if os.environ.get("ELRA_DISABLE_NATIVE", "") not in ("", "0"):

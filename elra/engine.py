@@ -156,6 +156,10 @@ class Engine:
         """The outcome of the last step whose outcome was reported as ``None``."""
         return None
 
+    def scratch_buffers(self) -> list[torch.Tensor]:
+        """Buffers the engine owns beyond its state (``vectors``): working memory."""
+        return []
+
     def window_sums(self) -> tuple[float, float, float]:
         """``(norm_sum, mean_angle, min_angle)`` of the current window."""
         sc = self.scalars

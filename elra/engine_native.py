@@ -13,6 +13,14 @@ learns the outcome afterwards: on the CPU at once (reading the scalar tensor thr
 is free), on a GPU at the start of the next call (:meth:`NativeEngine.resolve`), when the
 device has long finished. Only the 100-step control window, checkpoints, boosting and gradient
 collection read device values synchronously.
+
+[note: one pass for a normal stochastic step]
+See the note of the same name in ``csrc/elra_math.h``: the reductions and the update run as one
+pass (``step_fused``) with the step the host already knows, a fix-up pass follows only when the
+clip or a non-finite gradient changed it, and the engine alternates between two direction
+buffers. Used in the stochastic regime without weight decay coefficients, boosting or a kept
+retrace copy (half precision), and not right after a clipped step (which predicts another
+clip); the other steps take the two-pass path (``reduce``, ``finalize``, ``update``).
 """
 
 from __future__ import annotations
@@ -22,14 +30,16 @@ from typing import Optional
 import torch
 
 from . import _native
+from .control import LR_MIN
 from .engine import _HALF, Engine
 from .flat_buffer import FlatBuffer
 
 # slot indices and codes of csrc/elra_math.h
 ALPHA, LR, STEP, MEAN_ANGLE, MIN_ANGLE, NORM_SUM, DIR_SQ, DIR_SCALE, GNA, STATUS = range(10)
-GRAD_SQ, APPLIED, HAS_POINT, NUM_SLOTS = 14, 15, 16, 24
+MODE, GRAD_SQ, APPLIED, HAS_POINT, CLIPPED, NUM_SLOTS = 10, 14, 15, 16, 17, 24
+MODE_NONE = 0
 ST_OK, ST_RETRACE, ST_BAD_GRADIENT, ST_NONE = 0, 1, 2, 3
-KIND_FIRST, KIND_ACCEPT, KIND_RETRACE = 0, 1, 2
+KIND_FIRST, KIND_ACCEPT, KIND_RETRACE, KIND_ACCEPT_FUSED = 0, 1, 2, 3
 MAX_SEGMENTS = 64
 RED_WIDTH = 5
 
@@ -61,11 +71,12 @@ class NativeEngine(Engine):
         return None
 
     def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
-                 alpha: float, lr: float, defer: Optional[bool] = None):
+                 alpha: float, lr: float, defer: Optional[bool] = None, fuse: bool = True):
         super().__init__(buffers, stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
         ops = _native.ops()  # the resolved overloads skip the per-call schema matching
         self._op_reduce, self._op_collect = ops.reduce.default, ops.collect.default
         self._op_finalize, self._op_update = ops.finalize.default, ops.update.default
+        self._op_step_fused, self._op_fixup = ops.step_fused.default, ops.fixup.default
         dev = buffers[0].device
         self.device = dev
         self.defer = (dev.type != "cpu") if defer is None else bool(defer)
@@ -89,6 +100,9 @@ class NativeEngine(Engine):
         self._half = int(any(b.dtype in _HALF for b in buffers))
         self._keep_copy = int(any(x is not None for x in self.retrace_point))
         self._last_step = alpha
+        self.fuse = bool(fuse) and stochastic and not self._keep_copy
+        self._spare: Optional[list[torch.Tensor]] = None  # the other direction buffer
+        self._clipped = False  # the last accepted step was clipped (GPU: as last read)
 
     # --- reading the device scalars ------------------------------------------------------------
     def _read(self, slot: int) -> float:
@@ -165,21 +179,25 @@ class NativeEngine(Engine):
         self._scal[GNA].fill_(value)
 
     def resolve(self) -> Optional[bool]:
-        status = int(self._read(STATUS))
+        v = self._read_all()  # one transfer on a GPU
         if self._view is None:
-            self._last_step = self._read(STEP)
-        return status == ST_OK
+            self._last_step = float(v[STEP])
+            self._clipped = bool(v[CLIPPED])
+        return int(v[STATUS]) == ST_OK
+
+    def scratch_buffers(self) -> list[torch.Tensor]:
+        return list(self._spare) if self._spare is not None else []
 
     # --- the steps -----------------------------------------------------------------------------
     def _sources(self, use_collected: bool) -> list[torch.Tensor]:
         return self.collected if use_collected else [b.grad for b in self.buffers]
 
     def _finalize(self, kind: int, inv: float, wd: Optional[list[float]], growth=0.0,
-                  lr_schedule=0.0, lr_warmup=0.0, f=0.0, f_last=0.0) -> None:
+                  lr_schedule=0.0, lr_warmup=0.0, f=0.0, f_last=0.0, spec=0.0) -> None:
         with_x = wd is not None
         params = [growth, lr_schedule, lr_warmup, inv, self.momentum, f, f_last,
                   float(self.stochastic), float(kind), float(with_x), float(self._half),
-                  float(self._keep_copy)]
+                  float(self._keep_copy), spec]
         wdl = [wd[g] for g in self._seg_groups] if with_x else self._no_wd
         self._op_finalize(self._red, self._scal, self._coef, params, wdl)
 
@@ -220,13 +238,39 @@ class NativeEngine(Engine):
         self._update(use_collected, 0.0)
         return done
 
+    def _fusable(self, wd, booster) -> bool:
+        if not self.fuse or wd is not None or booster is not None:
+            return False
+        clipped = bool(self._view[CLIPPED]) if self._view is not None else self._clipped
+        return not clipped
+
     def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
+        if self._fusable(wd, booster):
+            return self._accept_fused(use_collected, inv, inputs, f, f_last)
         self._reduce(use_collected, wd is not None)
         self._finalize(KIND_ACCEPT, inv, wd, inputs.growth, inputs.lr_schedule, inputs.lr_warmup,
                        f, f_last)
         done = self._outcome(booster, f)
         self._update(use_collected, self.momentum)
         return done
+
+    def _accept_fused(self, use_collected, inv, inputs, f, f_last) -> Optional[bool]:
+        # the step finalize will choose unless the clip or a bad gradient intervenes (as there)
+        spec = inputs.lr_schedule if inputs.lr_schedule < inputs.lr_warmup else inputs.lr_warmup
+        spec = LR_MIN if spec < LR_MIN else spec
+        if self._spare is None:
+            self._spare = [b.new_zeros() for b in self.buffers]
+        sources = self._sources(use_collected)
+        for buf, g, d, dn, bounds, out in zip(self.buffers, sources, self.direction,
+                                              self._spare, self._bounds, self._red_views):
+            self._op_step_fused(buf.data, d, dn, g, bounds, inv, self.momentum, spec, out)
+        self._finalize(KIND_ACCEPT_FUSED, inv, None, inputs.growth, inputs.lr_schedule,
+                       inputs.lr_warmup, f, f_last, spec)
+        if self._view is None or self._view[MODE] != MODE_NONE:  # on a CPU: only if needed
+            for buf, g, d, dn in zip(self.buffers, sources, self.direction, self._spare):
+                self._op_fixup(buf.data, d, dn, g, self._scal)
+        self.direction, self._spare = self._spare, self.direction
+        return self._outcome(None, f)
 
     def retrace(self, f, f_last):
         self._finalize(KIND_RETRACE, 1.0, None, f=f, f_last=f_last)

@@ -300,6 +300,28 @@ class ElraOptimizer(torch.optim.Optimizer):
         for name, m in self._vector_views().items():
             for p, v in m.items():
                 self.state[p][name] = v
+        self._shown_direction = self._engine.direction
+        self._direction_views: dict[tuple, list] = {}
+
+    def _sync_direction_views(self) -> None:
+        """Point ``state[p]["direction"]`` at the buffer the engine uses now.
+
+        The native engine alternates between two direction buffers (see engine_native.py); the
+        views of both and each parameter's state dict are looked up once, so a swap costs one
+        plain dict assignment per parameter.
+        """
+        flats = self._engine.direction
+        if flats is self._shown_direction:
+            return
+        key = tuple(id(t) for t in flats)
+        pairs = self._direction_views.get(key)
+        if pairs is None:
+            pairs = [(self.state[p], v) for buf, flat in zip(self._buffers, flats)
+                     for p, v in zip(buf.params, buf.views(flat))]
+            self._direction_views[key] = pairs
+        for entry, v in pairs:
+            entry["direction"] = v
+        self._shown_direction = flats
 
     def _rebuild(self) -> None:
         """Rebuild the layout after the parameter set changed, carrying all state over."""
@@ -388,6 +410,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._begin_call()
         self._resolve()
         self._step(f, inv)
+        self._sync_direction_views()
         self._publish_lr()
         return loss
 

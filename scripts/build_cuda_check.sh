@@ -95,7 +95,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"GPU available: {torch.cuda.is_available()}")
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 ok = True
-for op in ("reduce", "collect", "finalize", "update"):
+for op in ("reduce", "collect", "finalize", "update", "step_fused", "fixup"):
     cpu, cuda = has(f"elra::{op}", "CPU"), has(f"elra::{op}", "CUDA")
     ok = ok and cpu and cuda
     print(f"elra::{op:9s} CPU kernel: {cpu}  CUDA kernel: {cuda}")
@@ -103,4 +103,4 @@ print("native_status:", _native.native_status())
 if not ok:
     raise SystemExit("some elra:: kernels are missing")
 EOF
-say "OK: the CUDA extension builds, loads and registers CUDA kernels for all four ops"
+say "OK: the CUDA extension builds, loads and registers CUDA kernels for all six ops"

@@ -222,10 +222,11 @@ def finalize_case(rng, nseg):
               rng.choice([0.0, 0.9]),            # momentum
               rng.normal(), rng.normal(),        # f, f_last
               float(rng.integers(2)),            # stochastic
-              float(rng.integers(3)),            # kind
+              float(rng.integers(4)),            # kind (3: after step_fused)
               float(rng.integers(2)),            # with_x
               float(rng.integers(2)),            # half
-              float(rng.integers(2))]            # keep_copy
+              float(rng.integers(2)),            # keep_copy
+              rng.uniform(1e-5, 0.5)]            # spec: the step step_fused applied
     wd = [float(v) for v in rng.choice([0.0, 1e-4, 1e-2], size=nseg)]
     return red.ravel(), scal, params, wd
 
@@ -299,6 +300,51 @@ def test_update_past_the_block_cap(dtype):
     check_update([9_000_001, 5], dtype, 1, 0.9, True, 7, False)
 
 
+# --- step_fused and fixup --------------------------------------------------------------------
+def check_fused(seg, dtype, momentum, seed, mixed, bad=False):
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n, bounds = sum(seg), bounds_of(seg)
+    x, dp, g = (randn(n, dtype, gen) for _ in range(3))
+    if bad and n:
+        g[int(rng.integers(n))] = rng.choice([math.nan, math.inf])
+    dn = torch.full((n,), math.nan, dtype=dtype)
+    X, DP, DN, G = (to_gpu(t, o) for t, o in zip((x, dp, dn, g), offsets(rng, 4, mixed)))
+    out_cpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
+    out_gpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64, device="cuda")
+    ops().step_fused(x, dp, dn, g, bounds, 0.75, momentum, 0.3, out_cpu)
+    ops().step_fused(X, DP, DN, G, bounds, 0.75, momentum, 0.3, out_gpu)
+    if not bad:
+        assert_sums_close(out_gpu.cpu(), out_cpu, reduce_scale(g, dp, x, bounds, False),
+                          SUM_TOL[dtype])
+    tol = elem_tol(dtype)
+    for name, cpu, gpu in (("x", x, X), ("d_new", dn, DN)):
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    for mode in (4, 5):  # MODE_SHIFT, MODE_UNDO_RETRACE
+        scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
+        scal[MODE], scal[MOVE_S], scal[MOVE_T] = mode, 0.3, -0.2
+        a = [t.clone() for t in (x, dp, dn, g)]
+        b = [t.clone() for t in (X, DP, DN, G)]
+        ops().fixup(*a, scal)
+        ops().fixup(*b, scal.cuda())
+        for name, cpu, gpu in zip(("x", "d_prev", "d_new", "g"), a, b):
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
+                                       msg=lambda m: f"fixup {mode} {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("bad", [False, True])
+def test_step_fused_and_fixup_match_cpu(dtype, momentum, mixed, bad):
+    rng = np.random.default_rng(77)
+    for seed in range(3):
+        check_fused(segments(rng), dtype, momentum, seed, mixed, bad)
+    check_fused([0], dtype, momentum, 1, mixed, bad)
+    check_fused([1] * MAX_SEGMENTS, dtype, momentum, 2, mixed, bad)
+
+
 def test_copy_retrace_without_copy():
     """The CPU op raises; the GPU kernel reads the mode on the device and leaves x alone."""
     x, d, g = (torch.randn(100) for _ in range(3))
@@ -321,12 +367,16 @@ def test_opcheck_all_ops_on_cuda():
     scal[ALPHA], scal[LR], scal[DIR_SCALE] = 0.1, 0.1, 1.0
     red = torch.zeros(10, dtype=torch.float64, device="cuda")
     coef = torch.zeros(2, dtype=torch.float64, device="cuda")
-    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0]
+    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0, 0.0]
     opcheck(ops().reduce.default, (g, d, x, [0, 20, 37], True, red))
     opcheck(ops().finalize.default, (red, scal, coef, params, [0.01, 0.0]))
     opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
     opcheck(ops().collect.default, (torch.zeros(37, device="cuda"), g, 0.5, 1.0, True, False,
                                     scal))
+    dn = torch.zeros(37, device="cuda")
+    opcheck(ops().step_fused.default, (x, d, dn, g, [0, 20, 37], 1.0, 0.0, 0.3, red))
+    scal[MODE], scal[MOVE_S], scal[MOVE_T] = 5, 0.3, 0.1
+    opcheck(ops().fixup.default, (x, d, dn, g, scal))
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -160,6 +160,49 @@ def test_half_precision_overflow_limit(engine):
     assert eng.accept_step(False, 1.0, None, StepInputs(1e3, 0.4, 3.0), 1.0, 1.0, None) is True
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_one_pass_step_with_a_bad_gradient_retraces(momentum, bad):
+    """The one-pass stochastic step moves x before it knows the gradient is bad; the fix-up
+    must undo that, retrace along the previous direction and keep it as the direction."""
+    buf, eng, *_ = build("native", [(40, 0), (9, 1)], 3, stochastic=True, momentum=momentum)
+    assert eng.fuse
+    inputs = StepInputs(1e3, 0.4, 3.0)
+    assert eng.accept_step(False, 1.0, None, inputs, 1.0, 1.0, None) is True  # a point to go to
+    assert eng.scratch_buffers()  # the one-pass path ran: it owns a second direction buffer
+    x_now, d_prev = f64(buf.data), f64(eng.direction[0])  # x_now = x_good - applied * d_prev
+    applied, dir_scale = eng.scalars.applied, eng.dir_scale
+    buf.grad.copy_(torch.randn(buf.numel, generator=torch.Generator().manual_seed(9)))
+    buf.grad[17] = bad
+    assert eng.accept_step(False, 1.0, None, inputs, 1.0, 1.0, None) is False
+    np.testing.assert_array_equal(f64(eng.direction[0]), d_prev)
+    s_new = eng.scalars.step_size
+    expected = x_now + (applied - s_new * dir_scale) * d_prev
+    np.testing.assert_allclose(f64(buf.data), expected, rtol=1e-6, atol=1e-6)
+    assert np.isfinite(f64(buf.data)).all()
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
+def test_one_pass_step_with_the_clip_matches_two_passes():
+    """A step shortened by the clip (lr |g| > 10): the one-pass step moves by the guessed lr and
+    shifts back; parameters and direction match the two-pass step to rounding."""
+    runs = []
+    for fuse in (True, False):
+        buf, eng, *_ = build("native", [(300, 0)], 5, stochastic=True)
+        eng.fuse = fuse
+        buf.grad.mul_(10.0)  # |g| ~ 170: lr = 0.4 is clipped to 10 / |g|
+        assert eng.accept_step(False, 1.0, None, StepInputs(1e3, 0.4, 3.0), 1.0, 1.0, None)
+        assert bool(eng._view[17])  # CLIPPED
+        assert bool(eng.scratch_buffers()) == fuse
+        runs.append((f64(buf.data), f64(eng.direction[0]), eng.scalars.step_size))
+    # the one-pass step moved by 0.4 and shifted back: rounding of that larger intermediate
+    bound = 4 * np.finfo(np.float32).eps * (np.abs(runs[1][0]) + 0.4 * np.abs(runs[1][1]))
+    assert np.all(np.abs(runs[0][0] - runs[1][0]) <= bound)
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == pytest.approx(runs[1][2], rel=1e-7) and runs[1][2] < 0.4
+
+
 # --- whole trajectories: native against pure torch -----------------------------------------------
 needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
 
@@ -222,6 +265,51 @@ def test_digits_trajectory_native_matches_torch(digits, kw):
     np.testing.assert_allclose(l_t, l_n, rtol=2e-3, atol=2e-4)
     for a, b in zip(m_t.parameters(), m_n.parameters()):
         assert torch.allclose(a, b, rtol=1e-2, atol=2e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("kw", [{}, {"collects": 2}, {"momentum": 0.9}])
+@pytest.mark.parametrize("nan_at", [(), (40, 41, 150)])
+def test_one_pass_steps_match_two_pass_steps(digits, kw, nan_at):
+    """The native engine with and without the one-pass stochastic step: the same decisions, and
+    the same parameters bit for bit as long as no step was clipped or had a bad gradient (the
+    fix-up then moves x twice, which rounds differently: then to float32 rounding)."""
+    X, y = digits
+    runs = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 10))
+        opt = ElraOptimizer(model.parameters(), lr=1e-4, classes=10, warmup=10, engine="native",
+                            **kw)
+        opt._engine.fuse = fuse
+        gen = torch.Generator().manual_seed(1)
+        lf = torch.nn.CrossEntropyLoss()
+        outcomes, clipped = [], 0
+        for i in range(300):
+            idx = torch.randint(0, 1400, (32,), generator=gen)
+            opt.zero_grad()
+            loss = lf(model(X[idx]), y[idx])
+            loss.backward()
+            if i in nan_at:
+                next(model.parameters()).grad[0, 0] = math.nan
+            opt.step(loss.item())
+            outcomes.append(opt.last_outcome)
+            clipped += bool(opt._engine._view[17])
+        assert bool(opt._engine.scratch_buffers()) == fuse
+        runs.append((model, outcomes, opt, clipped))
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1].count("retrace_gradient") == len(nan_at)
+    exact = runs[1][3] == 0 and not nan_at
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    sa, sb = runs[0][2].state_dict()["state"], runs[1][2].state_dict()["state"]
+    for k in sa:
+        torch.testing.assert_close(sa[k]["direction"], sb[k]["direction"],
+                                   rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 @needs_native

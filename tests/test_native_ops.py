@@ -1,6 +1,7 @@
 """The elra:: operators themselves: schemas (torch.library.opcheck) and each op vs float64."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -35,11 +36,15 @@ def test_opcheck_all_ops():
 
     g, d, x, scal = args()
     red, coef = torch.zeros(10, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0]
+    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0, 0.0]
     opcheck(ops().reduce.default, (g, d, x, [0, 20, 37], True, red))
     opcheck(ops().finalize.default, (red, scal, coef, params, [0.01, 0.0]))
     opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
     opcheck(ops().collect.default, (torch.zeros(37), g, 0.5, 1.0, True, False, scal))
+    dn = torch.zeros(37)
+    opcheck(ops().step_fused.default, (x, d, dn, g, [0, 20, 37], 1.0, 0.0, 0.3, red))
+    scal[10], scal[11], scal[12] = 5, 0.3, 0.1  # MODE_UNDO_RETRACE, MOVE_S, MOVE_T
+    opcheck(ops().fixup.default, (x, d, dn, g, scal))
 
 
 @SETTINGS
@@ -108,6 +113,62 @@ def test_update_matches_float64(seg, dtype, seed, mode, momentum, use_xg):
     np.testing.assert_allclose(xg.double().numpy(), exp_xg, rtol=tol, atol=tol)
 
 
+@SETTINGS
+@given(seg=sizes, dtype=dtypes, seed=st.integers(0, 2**16), momentum=st.sampled_from([0.0, 0.5]),
+       inv=st.sampled_from([1.0, 0.25]), bad=st.sampled_from([None, math.nan, math.inf]))
+def test_step_fused_matches_float64(seg, dtype, seed, momentum, inv, bad):
+    """One pass: the sums of reduce, the direction and move of update (where g is finite)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(seg)
+    x, dp, g = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
+    if bad is not None and n:
+        g[seed % n] = bad
+    dn = torch.full((n,), math.nan).to(dtype)
+    bounds = [0] + [int(b) for b in np.cumsum(seg)]
+    X, DP, G = (t.double().numpy().copy() for t in (x, dp, g))
+    out = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
+    ops().step_fused(x, dp, dn, g, bounds, inv, momentum, 0.3, out)
+    exp_dn = inv * G if momentum == 0 else momentum * DP + (1 - momentum) * inv * G
+    fin = np.isfinite(G)
+    exp_x = np.where(fin, X - 0.3 * exp_dn, X)
+    tol = TOL[dtype] * 8
+    np.testing.assert_allclose(x.double().numpy(), exp_x, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(x.double().numpy()[~fin], X[~fin])  # kept exactly
+    np.testing.assert_allclose(dn.double().numpy()[fin], exp_dn[fin], rtol=tol, atol=tol)
+    if bad is None:
+        for k in range(len(seg)):
+            sl = slice(bounds[k], bounds[k + 1])
+            exp = [G[sl] @ DP[sl], G[sl] @ G[sl], 0.0, 0.0, 0.0]
+            np.testing.assert_allclose(out[5 * k:5 * k + 5].numpy(), exp, rtol=TOL[dtype],
+                                       atol=TOL[dtype] * (1 + seg[k]))
+
+
+@SETTINGS
+@given(n=st.sampled_from([0, 1, 7, 17, 40000]), dtype=dtypes, seed=st.integers(0, 2**16),
+       mode=st.sampled_from([0, 1, 4, 5]))
+def test_fixup_matches_float64(n, dtype, seed, mode):
+    """MODE_SHIFT moves x along d_new; MODE_UNDO_RETRACE undoes the move where g is finite,
+    retraces along d_prev and restores d_prev; other modes leave everything alone."""
+    gen = torch.Generator().manual_seed(seed)
+    x, dp, dn, g = (torch.randn(n, generator=gen).to(dtype) for _ in range(4))
+    if n:
+        g[seed % n] = math.nan
+    X, DP, DN, G = (t.double().numpy().copy() for t in (x, dp, dn, g))
+    scal = torch.zeros(24, dtype=torch.float64)
+    scal[10], scal[11], scal[12] = mode, 0.3, -0.2  # MODE, MOVE_S (u), MOVE_T (r)
+    ops().fixup(x, dp, dn, g, scal)
+    if mode == 4:
+        exp_x, exp_dn = X + 0.3 * DN, DN
+    elif mode == 5:
+        exp_x, exp_dn = np.where(np.isfinite(G), X + 0.3 * DN, X) - 0.2 * DP, DP
+    else:
+        exp_x, exp_dn = X, DN
+    tol = TOL[dtype] * 8
+    np.testing.assert_allclose(x.double().numpy(), exp_x, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dn.double().numpy(), exp_dn, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(dp.double().numpy(), DP)
+
+
 def test_bad_inputs_raise_clear_errors():
     g, d, x, scal = args()
     out = torch.zeros(5, dtype=torch.float64)
@@ -119,3 +180,23 @@ def test_bad_inputs_raise_clear_errors():
         ops().reduce(g, torch.randn(74)[::2], x, [0, 37], False, out)
     with pytest.raises(RuntimeError, match="float64"):
         ops().reduce(g, d, x, [0, 37], False, torch.zeros(5))
+    with pytest.raises(RuntimeError, match="d_new must be a buffer of its own"):
+        ops().step_fused(x, d, d, g, [0, 37], 1.0, 0.0, 0.1, out)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops().fixup(x, d.double(), d, g, scal)
+
+
+@pytest.mark.skipif(bool(os.environ.get("ELRA_CPU_ISA")), reason="already inside a capped run")
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_cpu_code_path(isa):
+    """The kernels pick AVX-512, AVX2 or generic loops at run time; on a machine with all three
+    the other paths only run when capped (ELRA_CPU_ISA). Rerun the op tests with each cap."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ELRA_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "matches_float64"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout

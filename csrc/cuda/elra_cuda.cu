@@ -320,6 +320,116 @@ cudaError_t reduce_typed(const void* g, const void* d, const void* x, const Segm
   return cudaGetLastError();
 }
 
+// --- step_fused -----------------------------------------------------------------------------------
+// One pass of a normal stochastic step (see [note: the one-pass stochastic step] in elra_math.h):
+// the sums <g, d_prev> and |g|^2 into per-block partials (finished by reduce_finish_kernel),
+// d_new <- b d_prev + (1 - b) inv g, x <- x - s d_new where g is finite.
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    fused_kernel(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
+                 const T* __restrict__ g, Layout L, acc_t<T> inv, acc_t<T> b, acc_t<T> s,
+                 double* __restrict__ partials) {
+  using Acc = acc_t<T>;
+  constexpr int N = Pack<T>::N;
+  const Range r = block_range(L);
+  x += r.base;
+  dp += r.base;
+  dn += r.base;
+  g += r.base;
+  const bool packs = misalign(x) == misalign(dp) && misalign(x) == misalign(dn) &&
+                     misalign(x) == misalign(g);
+  const int64_t head = head_of(x, r.n, packs);
+  const int64_t npacks = (r.n - head) / N;
+  const int64_t tail = head + npacks * N;
+  Acc gd = 0, gg = 0;
+  auto one = [&](int64_t i) {
+    const T gt = g[i], dpt = dp[i];
+    const Acc gv = static_cast<Acc>(gt);
+    gd += gv * static_cast<Acc>(dpt);
+    gg += gv * gv;
+    T xv = x[i], dnv;
+    fused_element<T, Acc>(xv, dpt, dnv, gt, inv, b, s);
+    x[i] = xv;
+    dn[i] = dnv;
+  };
+  for (int64_t i = r.tid; i < head; i += r.stride) one(i);
+  for (int64_t j = r.tid; j < npacks; j += r.stride) {
+    const int64_t i = head + j * N;
+    Pack<T> xp = load_pack(x + i), dnp;
+    const Pack<T> dpp = load_pack_ro(dp + i), gp = load_pack_ro(g + i);
+#pragma unroll
+    for (int l = 0; l < N; ++l) {
+      const Acc gv = static_cast<Acc>(gp.v[l]);
+      gd += gv * static_cast<Acc>(dpp.v[l]);
+      gg += gv * gv;
+      fused_element<T, Acc>(xp.v[l], dpp.v[l], dnp.v[l], gp.v[l], inv, b, s);
+    }
+    store_pack(x + i, xp);
+    store_pack(dn + i, dnp);
+  }
+  for (int64_t i = tail + r.tid; i < r.n; i += r.stride) one(i);
+
+  double v[RED_WIDTH] = {static_cast<double>(gd), static_cast<double>(gg), 0.0, 0.0, 0.0};
+  block_sum(v);
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int c = 0; c < RED_WIDTH; ++c)
+      partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + c] = v[c];
+}
+
+template <typename T>
+cudaError_t fused_typed(void* x, const void* dp, void* dn, const void* g, const Segments& seg,
+                        double inv, double momentum, double step, double* out, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const Layout L = make_layout(seg, Pack<T>::N);
+  const int blocks = L.first_block[L.nseg];
+  if (workspace_bytes < static_cast<size_t>(blocks) * RED_WIDTH * sizeof(double))
+    return cudaErrorInvalidValue;
+  double* partials = static_cast<double*>(workspace);
+  if (blocks > 0) {
+    fused_kernel<T><<<blocks, THREADS, 0, stream>>>(
+        static_cast<T*>(x), static_cast<const T*>(dp), static_cast<T*>(dn),
+        static_cast<const T*>(g), L, static_cast<Acc>(inv), static_cast<Acc>(momentum),
+        static_cast<Acc>(step), partials);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  reduce_finish_kernel<<<1, THREADS, 0, stream>>>(partials, L, false, out);
+  return cudaGetLastError();
+}
+
+// --- fixup --------------------------------------------------------------------------------------
+// Rare (a clipped step or a bad gradient after step_fused): element by element, mode from scal.
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    fixup_kernel(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
+                 const T* __restrict__ g, int64_t n, const double* __restrict__ scal) {
+  using Acc = acc_t<T>;
+  const int mode = static_cast<int>(scal[MODE]);
+  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE) return;
+  const Acc u = static_cast<Acc>(scal[MOVE_S]), r = static_cast<Acc>(scal[MOVE_T]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * THREADS;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x; i < n; i += stride) {
+    T xv = x[i], dnv = dn[i];
+    fixup_element<T, Acc>(mode, xv, dp[i], dnv, g[i], u, r);
+    x[i] = xv;
+    dn[i] = dnv;
+  }
+}
+
+template <typename T>
+cudaError_t fixup_typed(void* x, const void* dp, void* dn, const void* g, int64_t n,
+                        const double* scal, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int64_t want = (n + THREADS - 1) / THREADS;
+  const int blocks = static_cast<int>(want < 4096 ? want : 4096);
+  fixup_kernel<T><<<blocks, THREADS, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(dp),
+                                                  static_cast<T*>(dn), static_cast<const T*>(g),
+                                                  n, scal);
+  return cudaGetLastError();
+}
+
 // --- collect ------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
@@ -507,6 +617,40 @@ cudaError_t launch_reduce(DType dtype, const void* g, const void* d, const void*
       return reduce_typed<half_t>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
     case DType::BFloat16:
       return reduce_typed<bf16_t>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_step_fused(DType dtype, void* x, const void* dp, void* dn, const void* g,
+                              const Segments& seg, double inv, double momentum, double step,
+                              double* out, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream) {
+  if (!valid(seg)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::Float32:
+      return fused_typed<float>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
+                                workspace_bytes, stream);
+    case DType::Float64:
+      return fused_typed<double>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
+                                 workspace_bytes, stream);
+    case DType::Float16:
+      return fused_typed<half_t>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
+                                 workspace_bytes, stream);
+    case DType::BFloat16:
+      return fused_typed<bf16_t>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
+                                 workspace_bytes, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_fixup(DType dtype, void* x, const void* dp, void* dn, const void* g, int64_t n,
+                         const double* scal, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::Float32: return fixup_typed<float>(x, dp, dn, g, n, scal, stream);
+    case DType::Float64: return fixup_typed<double>(x, dp, dn, g, n, scal, stream);
+    case DType::Float16: return fixup_typed<half_t>(x, dp, dn, g, n, scal, stream);
+    case DType::BFloat16: return fixup_typed<bf16_t>(x, dp, dn, g, n, scal, stream);
   }
   return cudaErrorInvalidValue;
 }

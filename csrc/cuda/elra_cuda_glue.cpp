@@ -187,6 +187,59 @@ void update_cuda(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
                                segments_of(bounds), momentum, stream()));
 }
 
+void check_fused_buffers(const at::Tensor& x, const at::Tensor& dp, const at::Tensor& dn,
+                         const at::Tensor& g, const at::Device& dev) {
+  check_flat(x, "x");
+  check_flat(dp, "d_prev");
+  check_flat(dn, "d_new");
+  check_flat(g, "g");
+  check_device(x, "x", dev);
+  check_device(dp, "d_prev", dev);
+  check_device(dn, "d_new", dev);
+  check_device(g, "g", dev);
+  TORCH_CHECK(x.scalar_type() == dp.scalar_type() && x.scalar_type() == dn.scalar_type() &&
+                  x.scalar_type() == g.scalar_type(),
+              "elra: x, d_prev, d_new and g must share a dtype");
+  TORCH_CHECK(x.numel() == dp.numel() && x.numel() == dn.numel() && x.numel() == g.numel(),
+              "elra: size mismatch");
+}
+
+void step_fused_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
+                     at::IntArrayRef bounds, double inv, double momentum, double step,
+                     at::Tensor& out) {
+  const at::Device dev = x.device();
+  check_fused_buffers(x, dp, dn, g, dev);
+  TORCH_CHECK(x.numel() == 0 || (dn.data_ptr() != dp.data_ptr() && dn.data_ptr() != x.data_ptr() &&
+                                 dn.data_ptr() != g.data_ptr()),
+              "elra: d_new must be a buffer of its own");
+  check_bounds(bounds, x.numel());
+  check_device(out, "out", dev);
+  const int nseg = static_cast<int>(bounds.size()) - 1;
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
+                  out.numel() >= nseg * RED_WIDTH,
+              "elra: out must be a contiguous float64 tensor of nseg * 5 elements");
+  const DType dt = dtype_of(x);
+  const c10::cuda::CUDAGuard guard(dev);
+  const Segments seg = segments_of(bounds);
+  const size_t bytes = reduce_workspace_bytes(dt, seg);
+  at::Tensor work = workspace(bytes, out);
+  C10_CUDA_CHECK(launch_step_fused(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
+                                   seg, inv, momentum, step, out.data_ptr<double>(),
+                                   work.data_ptr(), bytes, stream()));
+}
+
+void fixup_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
+                const at::Tensor& scal) {
+  const at::Device dev = x.device();
+  check_fused_buffers(x, dp, dn, g, dev);
+  check_device(scal, "scal", dev);
+  check_doubles(scal, "scal", NUM_SLOTS);
+  const DType dt = dtype_of(x);
+  const c10::cuda::CUDAGuard guard(dev);
+  C10_CUDA_CHECK(launch_fixup(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
+                              x.numel(), scal.data_ptr<double>(), stream()));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace elra
@@ -196,4 +249,6 @@ TORCH_LIBRARY_IMPL(elra, CUDA, m) {
   m.impl("collect", &elra::cuda::collect_cuda);
   m.impl("finalize", &elra::cuda::finalize_cuda);
   m.impl("update", &elra::cuda::update_cuda);
+  m.impl("step_fused", &elra::cuda::step_fused_cuda);
+  m.impl("fixup", &elra::cuda::fixup_cuda);
 }
