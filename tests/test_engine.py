@@ -313,10 +313,11 @@ def test_one_pass_steps_match_two_pass_steps(digits, kw, nan_at):
 
 
 @needs_native
-def test_deferred_outcomes_give_identical_trajectories(digits):
+@pytest.mark.parametrize("wd", [1e-3, 0.0])  # two-pass steps, one-pass steps
+def test_deferred_outcomes_give_identical_trajectories(digits, wd):
     """The GPU path learns a step's outcome one call later; on the CPU it must not matter."""
     X, y = digits
-    runs = [digits_run(X, y, "native", defer=defer, nan_at=(30, 31, 77), weight_decay=1e-3)
+    runs = [digits_run(X, y, "native", defer=defer, nan_at=(30, 31, 77), weight_decay=wd)
             for defer in (False, True)]
     # (last_outcome is provisional until the next call when deferred, so compare the states)
     assert runs[0][3].count("retrace_gradient") == 3
@@ -327,13 +328,14 @@ def test_deferred_outcomes_give_identical_trajectories(digits):
 
 
 @needs_native
-def test_native_steps_need_no_host_reads(digits, monkeypatch):
+@pytest.mark.parametrize("wd", [1e-4, 0.0])  # two-pass steps, one-pass steps
+def test_native_steps_need_no_host_reads(digits, monkeypatch, wd):
     """With Tensor.item, float(tensor) and tolist made to raise, native steps still run
     (the 100-step window included: on the CPU the engine reads its scalars through NumPy)."""
     X, y = digits
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    opt = ElraOptimizer(model.parameters(), lr=1e-4, warmup=10, classes=10, weight_decay=1e-4,
+    opt = ElraOptimizer(model.parameters(), lr=1e-4, warmup=10, classes=10, weight_decay=wd,
                         engine="native")
     lf = torch.nn.CrossEntropyLoss()
     batches = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 1400, 32)]
@@ -354,3 +356,4 @@ def test_native_steps_need_no_host_reads(digits, monkeypatch):
         ran += 1
     assert ran == 7 * len(batches) and opt._control.steps > 300
     assert opt.last_outcome == "accepted"
+    assert bool(opt._engine.scratch_buffers()) == (wd == 0.0)  # the one-pass path ran
