@@ -9,7 +9,9 @@ Columns:
 * ``ratio``: median step time / median step time of ``Adam(fused=True)`` in this process.
 * ``MB moved``: bytes each step must read and write at least (the passes of the implementation
   times the buffer size; see ``STREAMS``), and ``x floor``: the median time over the time that
-  traffic takes at the copy bandwidth measured in this process (1.0 = memory-bound optimum).
+  traffic takes at the best bandwidth measured in this process for simple streaming passes
+  (``x.add_(g)``: two reads and a write; ``g.sum()``: one read), so 1.0 is the memory-bound
+  optimum of that implementation.
 * ``extra mem``: the optimizer's state and working buffers in units of the parameters' size.
 
 The reference package (``pip install elra==0.0.5``, GPL research code that also imports as
@@ -92,11 +94,12 @@ def interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def copy_bandwidth(numel: int) -> float:
-    """Bytes per second of ``b.copy_(a)`` (one read and one write stream) at this size."""
-    a, b = torch.randn(numel), torch.empty(numel)
-    t = interleaved({"copy": lambda: b.copy_(a)}, 11)["copy"]
-    return 2 * numel * 4 / t
+def stream_bandwidth(numel: int) -> float:
+    """The best bytes per second of simple streaming passes at this size: ``x.add_(g)`` (two
+    read streams, one write stream to memory that was just read) and ``g.sum()`` (one read)."""
+    x, g = torch.randn(numel), torch.randn(numel)
+    t = interleaved({"add": lambda: x.add_(g, alpha=1e-9), "sum": lambda: g.sum()}, 11)
+    return max(3 * numel * 4 / t["add"], numel * 4 / t["sum"])
 
 
 def our_candidates(numel: int, tensors: int) -> dict:
@@ -155,7 +158,7 @@ def main() -> None:
     rows = []
     for spec in args.sizes:
         numel, tensors = parse_size(spec)
-        bw = copy_bandwidth(numel)
+        bw = stream_bandwidth(numel)
         cands = our_candidates(numel, tensors)
         med = interleaved({k: f for k, (_, f) in cands.items()}, args.repeats)
         base = med["Adam(fused=True)"]
@@ -167,7 +170,7 @@ def main() -> None:
                          "extra_mem": state_bytes(opt) / (numel * 4)})
         del cands
         if args.reference_python:
-            r = reference_ratio(args.reference_python, numel, tensors, max(5, args.repeats // 3))
+            r = reference_ratio(args.reference_python, numel, tensors, args.repeats)
             if r is not None:
                 rows.append({"size": spec, "numel": numel, "tensors": tensors,
                              "optimizer": "reference elra 0.0.5", "ms": r * base * 1e3,
@@ -206,6 +209,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("parameters (fp32)")
     ax.set_ylabel("step time / Adam(fused=True) step time (log)")
     ax.set_title("Optimizer step cost, median of interleaved steps (lower is better)")
