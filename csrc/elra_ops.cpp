@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "elra_checks.h"
 #include "elra_math.h"
 
 namespace elra {
@@ -44,20 +45,6 @@ namespace {
 constexpr int64_t CHUNK = 1 << 14;
 constexpr int LANES = 8;
 
-void check_flat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "elra: ", name,
-              " must be a contiguous 1-d tensor, got shape ", t.sizes());
-}
-
-void check_bounds(at::IntArrayRef bounds, int64_t numel) {
-  TORCH_CHECK(bounds.size() >= 2, "elra: bounds need at least two entries");
-  TORCH_CHECK(static_cast<int>(bounds.size()) - 1 <= MAX_SEGMENTS, "elra: at most ", MAX_SEGMENTS,
-              " segments are supported");
-  TORCH_CHECK(bounds.front() == 0 && bounds.back() == numel, "elra: bounds must cover [0, ",
-              numel, ")");
-  for (size_t i = 1; i < bounds.size(); ++i)
-    TORCH_CHECK(bounds[i] >= bounds[i - 1], "elra: bounds must be non-decreasing");
-}
 
 // [note: vectorization] The inner loops are plain functions with restrict pointers (inside a
 // lambda the captured pointers may alias the stores, which stops the vectorizer) and are cloned
@@ -187,6 +174,15 @@ __attribute__((target("avx2,fma"))) void step_chunk_avx2(float* __restrict__ x,
   if (stream) _mm_sfence();
 }
 
+// One element of the float32 step_fused kernels below (their alignment peel and tail).
+inline void fused_scalar(float* x, const float* dp, float* dn, const float* g, int64_t k,
+                         float inv, float s, double* sums) {
+  const float gv = g[k];
+  sums[0] += gv * dp[k];
+  sums[1] += gv * gv;
+  fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
+}
+
 // step_fused for float32 without momentum: the sums <g, d_prev> and |g|^2 (one 8-wide
 // accumulator each, in the order of the elements after the alignment peel), dn <- inv g into
 // d_new (streamed, as in step_chunk_avx2), x <- x - s dn where g is finite.
@@ -197,12 +193,7 @@ __attribute__((target("avx2,fma"))) void fused_chunk_avx2(float* __restrict__ x,
                                                           int64_t e, float inv, float s,
                                                           bool stream, double* sums) {
   int64_t i = b;
-  auto scalar = [&](int64_t k) {
-    const float gv = g[k];
-    sums[0] += gv * dp[k];
-    sums[1] += gv * gv;
-    fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
-  };
+  auto scalar = [&](int64_t k) { fused_scalar(x, dp, dn, g, k, inv, s, sums); };
   if (stream)
     for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 31) != 0; ++i) scalar(i);
   const __m256 vi = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
@@ -237,12 +228,7 @@ __attribute__((target("avx512f"))) void fused_chunk_avx512(float* __restrict__ x
                                                           int64_t e, float inv, float s,
                                                           bool stream, double* sums) {
   int64_t i = b;
-  auto scalar = [&](int64_t k) {
-    const float gv = g[k];
-    sums[0] += gv * dp[k];
-    sums[1] += gv * gv;
-    fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
-  };
+  auto scalar = [&](int64_t k) { fused_scalar(x, dp, dn, g, k, inv, s, sums); };
   if (stream)
     for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 63) != 0; ++i) scalar(i);
   const __m512 vi = _mm512_set1_ps(inv), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
@@ -342,17 +328,7 @@ void reduce_range(const T* g, const T* d, const T* x, int64_t n, double* out5) {
 
 void reduce_cpu(const at::Tensor& g, const at::Tensor& d, const at::Tensor& x,
                 at::IntArrayRef bounds, bool with_x, at::Tensor& out) {
-  check_flat(g, "g");
-  check_flat(d, "d");
-  check_flat(x, "x");
-  TORCH_CHECK(g.scalar_type() == d.scalar_type() && g.scalar_type() == x.scalar_type(),
-              "elra: g, d and x must share a dtype");
-  TORCH_CHECK(g.numel() == d.numel() && g.numel() == x.numel(), "elra: size mismatch");
-  check_bounds(bounds, g.numel());
-  const int nseg = static_cast<int>(bounds.size()) - 1;
-  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
-                  out.numel() >= nseg * RED_WIDTH,
-              "elra: out must be a contiguous float64 tensor of nseg * 5 elements");
+  const int nseg = check_reduce(g, d, x, bounds, out);
   double* o = out.data_ptr<double>();
   for (int k = 0; k < nseg * RED_WIDTH; ++k) o[k] = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "elra_reduce", [&] {
@@ -371,12 +347,7 @@ void reduce_cpu(const at::Tensor& g, const at::Tensor& d, const at::Tensor& x,
 
 void collect_cpu(at::Tensor& coll, const at::Tensor& g, double weight, double inv, bool first,
                  bool half, at::Tensor& scal) {
-  check_flat(coll, "coll");
-  check_flat(g, "g");
-  TORCH_CHECK(coll.scalar_type() == g.scalar_type() && coll.numel() == g.numel(),
-              "elra: collection buffer and gradient differ in dtype or size");
-  TORCH_CHECK(scal.scalar_type() == at::kDouble && scal.numel() >= NUM_SLOTS,
-              "elra: bad scalar state tensor");
+  check_collect(coll, g, scal);
   const int64_t n = g.numel();
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
   std::vector<double> partial(static_cast<size_t>(nchunks), 0.0);
@@ -444,12 +415,7 @@ namespace {
 
 void finalize_cpu(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef,
                   at::ArrayRef<double> params, at::ArrayRef<double> wd) {
-  TORCH_CHECK(red.scalar_type() == at::kDouble && scal.scalar_type() == at::kDouble &&
-                  coef.scalar_type() == at::kDouble,
-              "elra: finalize works on float64 tensors");
-  TORCH_CHECK(scal.numel() >= NUM_SLOTS && coef.numel() >= static_cast<int64_t>(wd.size()) &&
-                  red.numel() >= static_cast<int64_t>(wd.size()) * RED_WIDTH,
-              "elra: finalize tensors too small");
+  check_finalize(red, scal, coef, wd.size());
   const FinalizeParams p = make_params(params, wd);
   finalize(red.data_ptr<double>(), scal.data_ptr<double>(), coef.data_ptr<double>(), p);
 }
@@ -569,23 +535,7 @@ void fused_range(T* x, const T* dp, T* dn, const T* g, int64_t n, double inv, do
 void step_fused_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
                     at::IntArrayRef bounds, double inv, double momentum, double step,
                     at::Tensor& out) {
-  check_flat(x, "x");
-  check_flat(dp, "d_prev");
-  check_flat(dn, "d_new");
-  check_flat(g, "g");
-  TORCH_CHECK(x.scalar_type() == dp.scalar_type() && x.scalar_type() == dn.scalar_type() &&
-                  x.scalar_type() == g.scalar_type(),
-              "elra: x, d_prev, d_new and g must share a dtype");
-  TORCH_CHECK(x.numel() == dp.numel() && x.numel() == dn.numel() && x.numel() == g.numel(),
-              "elra: size mismatch");
-  TORCH_CHECK(x.numel() == 0 || (dn.data_ptr() != dp.data_ptr() && dn.data_ptr() != x.data_ptr() &&
-                                 dn.data_ptr() != g.data_ptr()),
-              "elra: d_new must be a buffer of its own");
-  check_bounds(bounds, x.numel());
-  const int nseg = static_cast<int>(bounds.size()) - 1;
-  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
-                  out.numel() >= nseg * RED_WIDTH,
-              "elra: out must be a contiguous float64 tensor of nseg * 5 elements");
+  const int nseg = check_step_fused(x, dp, dn, g, bounds, out);
   double* o = out.data_ptr<double>();
   for (int k = 0; k < nseg * RED_WIDTH; ++k) o[k] = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_step_fused", [&] {
@@ -612,17 +562,7 @@ ELRA_CLONES void fixup_chunk(int mode, T* __restrict__ x, const T* __restrict__ 
 
 void fixup_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
                const at::Tensor& scal) {
-  check_flat(x, "x");
-  check_flat(dp, "d_prev");
-  check_flat(dn, "d_new");
-  check_flat(g, "g");
-  TORCH_CHECK(x.scalar_type() == dp.scalar_type() && x.scalar_type() == dn.scalar_type() &&
-                  x.scalar_type() == g.scalar_type(),
-              "elra: x, d_prev, d_new and g must share a dtype");
-  TORCH_CHECK(x.numel() == dp.numel() && x.numel() == dn.numel() && x.numel() == g.numel(),
-              "elra: size mismatch");
-  TORCH_CHECK(scal.scalar_type() == at::kDouble && scal.is_contiguous() && scal.numel() >= NUM_SLOTS,
-              "elra: bad scalar state tensor");
+  check_fixup(x, dp, dn, g, scal);
   const double* s = scal.data_ptr<double>();
   const int mode = static_cast<int>(s[MODE]);
   if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE) return;
@@ -643,24 +583,12 @@ void fixup_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Te
 void update_cpu(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
                 const std::optional<at::Tensor>& xg, const at::Tensor& scal,
                 const at::Tensor& coef, at::IntArrayRef bounds, double momentum) {
-  check_flat(x, "x");
-  check_flat(d, "d");
-  check_flat(g, "g");
-  TORCH_CHECK(x.scalar_type() == d.scalar_type() && x.scalar_type() == g.scalar_type(),
-              "elra: x, d and g must share a dtype");
-  TORCH_CHECK(x.numel() == d.numel() && x.numel() == g.numel(), "elra: size mismatch");
-  check_bounds(bounds, x.numel());
-  if (xg.has_value()) {
-    check_flat(*xg, "xg");
-    TORCH_CHECK(xg->numel() == x.numel() && xg->scalar_type() == x.scalar_type(),
-                "elra: retrace copy differs from x");
-  }
+  const int nseg = check_update(x, d, g, xg, scal, coef, bounds);
   const double* s = scal.data_ptr<double>();
   const double* cf = coef.data_ptr<double>();
   const int mode = static_cast<int>(s[MODE]);
   if (mode == MODE_NONE) return;
   TORCH_CHECK(mode != MODE_RETRACE_COPY || xg.has_value(), "elra: retrace needs the copy");
-  const int nseg = static_cast<int>(bounds.size()) - 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_update", [&] {
     scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();

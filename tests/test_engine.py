@@ -207,13 +207,18 @@ def test_one_pass_step_with_the_clip_matches_two_passes():
 needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
 
 
-def digits_run(X, y, engine, steps=400, defer=None, nan_at=(), **kw):
+def digits_run(X, y, engine, steps=400, defer=None, nan_at=(), fuse=None, after_step=None, **kw):
+    """The 64-32-10 MLP on random digits batches; NaN written into a gradient at ``nan_at``.
+    ``defer``/``fuse`` override the native engine's choices; ``after_step(opt)`` is called after
+    every step."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     kw = {"regime": "stochastic", "classes": 10, "warmup": 10, "lr": 1e-4, **kw}
     opt = ElraOptimizer(model.parameters(), engine=engine, **kw)
     if defer is not None:
         opt._engine.defer = defer
+    if fuse is not None:
+        opt._engine.fuse = fuse
     gen = torch.Generator().manual_seed(1)
     lf = torch.nn.CrossEntropyLoss()
     losses, outcomes = [], []
@@ -227,6 +232,8 @@ def digits_run(X, y, engine, steps=400, defer=None, nan_at=(), **kw):
         opt.step(loss.item())
         losses.append(loss.item())
         outcomes.append(opt.last_outcome)
+        if after_step is not None:
+            after_step(opt)
     return model, opt, losses, outcomes
 
 
@@ -277,27 +284,12 @@ def test_one_pass_steps_match_two_pass_steps(digits, kw, nan_at):
     X, y = digits
     runs = []
     for fuse in (True, False):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                    torch.nn.Linear(32, 10))
-        opt = ElraOptimizer(model.parameters(), lr=1e-4, classes=10, warmup=10, engine="native",
-                            **kw)
-        opt._engine.fuse = fuse
-        gen = torch.Generator().manual_seed(1)
-        lf = torch.nn.CrossEntropyLoss()
-        outcomes, clipped = [], 0
-        for i in range(300):
-            idx = torch.randint(0, 1400, (32,), generator=gen)
-            opt.zero_grad()
-            loss = lf(model(X[idx]), y[idx])
-            loss.backward()
-            if i in nan_at:
-                next(model.parameters()).grad[0, 0] = math.nan
-            opt.step(loss.item())
-            outcomes.append(opt.last_outcome)
-            clipped += bool(opt._engine._view[17])
+        clipped = []
+        model, opt, _, outcomes = digits_run(
+            X, y, "native", steps=300, nan_at=nan_at, fuse=fuse,
+            after_step=lambda o: clipped.append(bool(o._engine._view[17])), **kw)
         assert bool(opt._engine.scratch_buffers()) == fuse
-        runs.append((model, outcomes, opt, clipped))
+        runs.append((model, outcomes, opt, sum(clipped)))
     assert runs[0][1] == runs[1][1]
     assert runs[0][1].count("retrace_gradient") == len(nan_at)
     exact = runs[1][3] == 0 and not nan_at
