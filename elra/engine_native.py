@@ -2,7 +2,8 @@
 
 Same interface as :class:`elra.engine.TorchEngine`, computed by the ``torch.ops.elra`` operators
 of ``csrc/``: per step one reduction pass, the step-size update on the device (``finalize``, the
-function of ``csrc/elra_math.h`` that mirrors :mod:`elra.stepsize`), and one update pass.
+function of ``csrc/elra_math.h`` that mirrors :mod:`elra.stepsize`), and one update pass; a
+normal stochastic step folds the two passes into one (note below).
 
 [note: no host round trip in a normal step]
 The scalars (alpha, lr, the window sums, ...) live in one float64 tensor on the parameters'

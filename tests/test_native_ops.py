@@ -200,3 +200,21 @@ def test_every_cpu_code_path(isa):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
+
+
+def test_python_constants_match_the_kernel_header():
+    """engine_native.py mirrors the slot, mode, status and kind numbers of csrc/elra_math.h."""
+    import re
+    from pathlib import Path
+
+    from elra import engine_native as en
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "elra_math.h").read_text()
+    values = {name: int(v) for name, v in re.findall(r"\b([A-Z][A-Z0-9_]+) = (\d+)", header)}
+    for name in ("ALPHA", "LR", "STEP", "MEAN_ANGLE", "MIN_ANGLE", "NORM_SUM", "DIR_SQ",
+                 "DIR_SCALE", "GNA", "STATUS", "MODE", "GRAD_SQ", "APPLIED", "HAS_POINT",
+                 "CLIPPED", "NUM_SLOTS", "MODE_NONE", "ST_OK", "ST_RETRACE", "ST_BAD_GRADIENT",
+                 "ST_NONE", "KIND_FIRST", "KIND_ACCEPT", "KIND_RETRACE", "KIND_ACCEPT_FUSED"):
+        assert getattr(en, name) == values[name], name
+    assert en.MAX_SEGMENTS == int(re.search(r"MAX_SEGMENTS = (\d+)", header).group(1))
+    assert en.RED_WIDTH == int(re.search(r"RED_WIDTH = (\d+)", header).group(1))
