@@ -7,7 +7,7 @@ those be a single vector operation, with no concatenation or copy of all gradien
 [note: how the views stay valid]
 Each trainable parameter's ``.data`` is re-pointed to a view of the buffer and its ``.grad`` to a
 view of the gradient buffer; backward then accumulates into the buffer in place. Three things can
-break that, and :meth:`FlatBuffer.sync_grads` / :meth:`FlatBuffer.params_moved` notice each of
+break that, and :meth:`FlatBuffer.sync_grads` and the optimizer's layout check notice each of
 them at the start of a step: a gradient set to ``None`` (``model.zero_grad()``), a gradient
 replaced by another tensor, and a parameter whose data was replaced (``model.to(...)``,
 ``p.data = ...``). The first two are repaired by zeroing or copying one parameter's segment;
@@ -17,11 +17,13 @@ the last makes the optimizer rebuild its layout and carry its state over.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
 
 logger = logging.getLogger("elra")
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,6 @@ class FlatBuffer:
                 gv.copy_(p.grad)
             p.data = dv
             p.grad = gv
-        self._ptrs = [p.data_ptr() for p in self.params]
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views (parameter shapes) of a tensor laid out like this buffer."""
@@ -83,10 +84,6 @@ class FlatBuffer:
     def new_zeros(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=dtype or self.dtype, device=self.device)
 
-    def params_moved(self) -> bool:
-        """True if some parameter's data no longer lives in this buffer."""
-        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._ptrs))
-
     def sync_grads(self) -> int:
         """Make every ``p.grad`` a view of the gradient buffer again; return how many had one.
 
@@ -94,8 +91,10 @@ class FlatBuffer:
         copied into the buffer (one parameter's worth), and the parameter's ``.grad`` is
         pointed back at the buffer.
         """
+        if not any(map(operator.is_not, map(_GRAD, self.params), self.grad_views)):
+            return len(self.params)  # the common case, checked in C-level loops
         present = 0
-        for i, (p, gv) in enumerate(zip(self.params, self.grad_views)):
+        for p, gv in zip(self.params, self.grad_views):
             g = p.grad
             if g is gv:
                 present += 1

@@ -12,7 +12,9 @@ import copy
 import logging
 import math
 import numbers
+import operator
 import warnings
+from itertools import compress
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -26,6 +28,8 @@ from .flat_buffer import FlatBuffer
 logger = logging.getLogger("elra")
 
 STATE_VERSION = 1
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DATA_PTR = operator.methodcaller("data_ptr")
 REGIMES = ("stochastic", "deterministic")
 ENGINES = ("auto", "torch", "native")
 
@@ -237,8 +241,23 @@ class ElraOptimizer(torch.optim.Optimizer):
         return [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]
                 if p.requires_grad]
 
-    def _signature(self) -> tuple:
-        return tuple((id(p), p.requires_grad) for g in self.param_groups for p in g["params"])
+    def _watch_layout(self) -> None:
+        """Remember the groups' parameters, which are trainable, and where their data lives."""
+        self._watch = [p for g in self.param_groups for p in g["params"]]
+        self._watch_trainable = list(map(_REQUIRES_GRAD, self._watch))
+        self._watch_ptrs = [p.data_ptr() for p in self._watch if p.requires_grad]
+
+    def _layout_changed(self) -> bool:
+        """True if a parameter was added, removed, frozen or unfrozen, or its data replaced
+        (``model.to(...)``, ``p.data = ...``) since the layout was built (C-level loops: this
+        runs on every step)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(params) != len(self._watch) or any(map(operator.is_not, params, self._watch)):
+            return True
+        trainable = list(map(_REQUIRES_GRAD, params))
+        if trainable != self._watch_trainable:
+            return True
+        return list(map(_DATA_PTR, compress(params, trainable))) != self._watch_ptrs
 
     def _build(self, alpha: float, lr: float) -> None:
         """Lay out the trainable parameters in flat buffers and create the engine."""
@@ -256,7 +275,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._owned_ids = {id(p) for b in self._buffers for p in b.params}
         if self._booster is not None:
             self._booster = Booster(self._buffers, self._booster.cycle)
-        self._signature_cache = self._signature()
+        self._watch_layout()
         self._refresh_state_views()
 
     def _make_engine(self, alpha: float, lr: float, stochastic: bool, momentum: float) -> Engine:
@@ -346,8 +365,7 @@ class ElraOptimizer(torch.optim.Optimizer):
 
     # --- per step -----------------------------------------------------------------------------
     def _begin_call(self) -> None:
-        if self._signature() != self._signature_cache or any(
-                b.params_moved() for b in self._buffers):
+        if self._layout_changed():
             self._rebuild()
         shown = self._shown_lr
         if any(g["lr"] != shown for g in self.param_groups):
