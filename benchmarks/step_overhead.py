@@ -21,6 +21,7 @@ against ``Adam(fused=True)`` in that process, and its ratio is reported next to 
 
     python benchmarks/step_overhead.py                       # 100k/50, 1M, 8M, 32M fp32
     python benchmarks/step_overhead.py --sizes 32M:4 --repeats 31
+    python benchmarks/step_overhead.py --sizes 32M:4 --weight-decay 1e-4 --momentum 0.9
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ STREAMS = {
     "elra native": 5,  # one pass: x, g, d_prev read; x, d_new written
     "elra torch": 8,  # 2 dots (g, d; g), d <- g (read, write), x <- x - s d (2 reads, write)
 }
+# with weight decay the pure-torch engine also reads x for |x| and forms g' = g + c x (3 streams)
+# into a buffer that then becomes the direction (no copy)
+STREAMS_WITH_DECAY = {**STREAMS, "elra torch": 10}
 DEFAULT_SIZES = ["100k:50", "1M:4", "8M:4", "32M:4"]
 
 
@@ -102,7 +106,7 @@ def stream_bandwidth(numel: int) -> float:
     return max(3 * numel * 4 / t["add"], numel * 4 / t["sum"])
 
 
-def our_candidates(numel: int, tensors: int) -> dict:
+def our_candidates(numel: int, tensors: int, **elra_kw) -> dict:
     from elra import ElraOptimizer, native_status
 
     out = {}
@@ -114,7 +118,7 @@ def our_candidates(numel: int, tensors: int) -> dict:
     engines = (["native"] if native_status()["cpu"] else []) + ["torch"]
     for engine in engines:
         opt = ElraOptimizer(make_params(numel, tensors), lr=1e-4, regime="stochastic",
-                            engine=engine)
+                            engine=engine, **elra_kw)
 
         def step(opt=opt):
             opt.step(1.0)
@@ -146,6 +150,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--reference-python", default=os.environ.get("ELRA_REFERENCE_PYTHON"),
                     help="python of a venv with the reference elra==0.0.5 installed")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="ELRA's weight_decay")
+    ap.add_argument("--momentum", type=float, default=None, help="ELRA's momentum")
     ap.add_argument("--out", default="benchmarks/out/step_overhead")
     args = ap.parse_args()
 
@@ -154,16 +160,19 @@ def main() -> None:
     from elra import native_status
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native: "
-          f"{native_status()}, medians of {args.repeats} interleaved steps")
+          f"{native_status()}, medians of {args.repeats} interleaved steps; ELRA: stochastic, "
+          f"weight_decay={args.weight_decay}, momentum={args.momentum}")
     rows = []
     for spec in args.sizes:
         numel, tensors = parse_size(spec)
         bw = stream_bandwidth(numel)
-        cands = our_candidates(numel, tensors)
+        cands = our_candidates(numel, tensors, weight_decay=args.weight_decay,
+                               momentum=args.momentum)
         med = interleaved({k: f for k, (_, f) in cands.items()}, args.repeats)
         base = med["Adam(fused=True)"]
         for name, (opt, _) in cands.items():
-            moved = STREAMS[name] * numel * 4
+            streams = STREAMS_WITH_DECAY if args.weight_decay else STREAMS
+            moved = streams[name] * numel * 4
             rows.append({"size": spec, "numel": numel, "tensors": tensors, "optimizer": name,
                          "ms": med[name] * 1e3, "ratio": med[name] / base,
                          "mb_moved": moved / 2**20, "x_floor": med[name] / (moved / bw),

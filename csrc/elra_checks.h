@@ -98,21 +98,31 @@ inline int check_update(const at::Tensor& x, const at::Tensor& d, const at::Tens
 }
 
 inline int check_step_fused(const at::Tensor& x, const at::Tensor& dp, const at::Tensor& dn,
-                            const at::Tensor& g, at::IntArrayRef bounds, const at::Tensor& out) {
+                            const at::Tensor& g, const at::Tensor& scal, at::IntArrayRef bounds,
+                            size_t nwd, const at::Tensor& out) {
   check_buffers({{&x, "x"}, {&dp, "d_prev"}, {&dn, "d_new"}, {&g, "g"}});
   TORCH_CHECK(x.numel() == 0 || (dn.data_ptr() != dp.data_ptr() && dn.data_ptr() != x.data_ptr() &&
                                  dn.data_ptr() != g.data_ptr()),
               "elra: d_new must be a buffer of its own");
   const int nseg = check_bounds(bounds, x.numel());
+  TORCH_CHECK(nwd == 0 || nwd == static_cast<size_t>(nseg), "elra: wd needs one entry per "
+              "segment (or none), got ", nwd, " for ", nseg, " segments");
+  check_on(scal, "scal", x.device());
+  check_doubles(scal, "scal", NUM_SLOTS);
   check_out(out, nseg, x.device());
   return nseg;
 }
 
-inline void check_fixup(const at::Tensor& x, const at::Tensor& dp, const at::Tensor& dn,
-                        const at::Tensor& g, const at::Tensor& scal) {
+inline int check_fixup(const at::Tensor& x, const at::Tensor& dp, const at::Tensor& dn,
+                       const at::Tensor& g, const at::Tensor& scal, const at::Tensor& coef,
+                       at::IntArrayRef bounds) {
   check_buffers({{&x, "x"}, {&dp, "d_prev"}, {&dn, "d_new"}, {&g, "g"}});
+  const int nseg = check_bounds(bounds, x.numel());
   check_on(scal, "scal", x.device());
+  check_on(coef, "coef", x.device());
   check_doubles(scal, "scal", NUM_SLOTS);
+  check_doubles(coef, "coef", nseg);
+  return nseg;
 }
 
 }  // namespace elra

@@ -21,6 +21,16 @@
 // (MODE_SHIFT); a non-finite gradient undoes the move, retraces along d_prev and copies d_prev
 // into d_new (MODE_UNDO_RETRACE). The engine then swaps the two direction buffers. Five memory
 // streams instead of six (g is read once), one more buffer of the parameters' size.
+//
+// [note: weight decay in one pass]
+// The decay term c x needs c = wd kappa with kappa = grad_norm_avg / |x| before the pass. |x|^2 of
+// the current x is known from the last accepted step: x_new = x - s dn gives
+// |x_new|^2 = |x|^2 - 2 s <x, dn> + s^2 |dn|^2 from that step's reductions (slot XX_CACHE, set
+// by finalize). step_fused takes kappa from it (spec_kappa), and finalize compares it with the
+// kappa of the |x| the pass itself measured: within KAPPA_TOLERANCE (the cached value differs
+// by the rounding of x and of the float sums, about 1e-6) the pass stands and the scalars are
+// computed with the kappa it used; otherwise (the parameters were changed between steps) the
+// fix-up redoes the move with the right c (MODE_REDO).
 #pragma once
 
 #include <cmath>
@@ -54,6 +64,7 @@ enum Slot : int {
   APPLIED = 15,    // x = x_good - APPLIED * d: the multiple of the stored direction now applied
   HAS_POINT = 16,  // 1 once there is a point to retrace to (see set_retrace)
   CLIPPED = 17,    // 1 if the last accepted step was shortened by the clip
+  XX_CACHE = 18,   // |x|^2 of the current x after an accepted step with weight decay, else -1
   NUM_SLOTS = 24
 };
 
@@ -66,6 +77,8 @@ enum Mode : int {
   MODE_SHIFT = 4,         // fixup after step_fused: x += MOVE_S d_new (the clip)
   MODE_UNDO_RETRACE = 5,  // fixup: x += MOVE_S d_new where g is finite, x += MOVE_T d_prev,
                           // d_new <- d_prev (a non-finite gradient)
+  MODE_REDO = 6,          // fixup: x_old = x + MOVE_S d_new, d_new += (1 - b) dc x_old (dc per
+                          // segment, in coef), x = x_old - MOVE_T d_new (a stale kappa)
 };
 
 // --- constants (names as in elra/control.py and elra/stepsize.py) -------------------------------
@@ -77,6 +90,7 @@ constexpr double RETRACE_ALPHA_MIN = 1e-12;
 constexpr double ANGLE_CAP = -0.1;
 constexpr double RETRACE_FALLBACK_SHRINK = 0.01;
 constexpr double HALF_GRAD_NORM_LIMIT = 65e3;
+constexpr double KAPPA_TOLERANCE = 1e-4;  // relative; see [note: weight decay in one pass]
 constexpr int MAX_SEGMENTS = 64;
 constexpr int RED_WIDTH = 5;  // per segment: <g,d>, |g|^2, <x,d>, <g,x>, |x|^2
 
@@ -148,6 +162,11 @@ ELRA_HD double retrace_update(double* s, double f, double f_last, double p_sq, i
   return s[STEP];
 }
 
+// kappa = grad_norm_avg / |x| as step_fused takes it, from the cached |x|^2 (0 when unknown).
+ELRA_HD double spec_kappa(const double* s) {
+  return (s[GNA] > 0.0 && s[XX_CACHE] > 0.0) ? s[GNA] / sqrt(s[XX_CACHE]) : 0.0;
+}
+
 ELRA_HD double p_norm(const double* s) {
   const double sq = s[DIR_SQ] > 0.0 ? s[DIR_SQ] : 0.0;
   return (s[DIR_SCALE] < 0.0 ? -s[DIR_SCALE] : s[DIR_SCALE]) * sqrt(sq);
@@ -162,6 +181,7 @@ ELRA_HD void set_retrace(double* s, const FinalizeParams& p, int status) {
   const double nw = retrace_update(s, p.f, p.f_last, p_sq, p.stochastic);
   s[NORM_SUM] += p_norm(s);
   s[STATUS] = status;
+  s[XX_CACHE] = -1.0;
   if (s[HAS_POINT] == 0.0) {
     s[MODE] = MODE_NONE;
     return;
@@ -202,17 +222,26 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
   gg_raw *= p.inv * p.inv;
   s[GRAD_SQ] = gg_raw;
   bool ok = finite(gg_raw) && !(p.half && sqrt(gg_raw) >= HALF_GRAD_NORM_LIMIT);
-  double gd = 0.0, gg = 0.0;
+  const bool fused = p.kind == KIND_ACCEPT_FUSED;
+  double gd = 0.0, gg = 0.0, kappa = 0.0, kappa_spec = 0.0;
+  bool redo = false;
   if (ok) {
-    double kappa = 0.0;
     if (p.with_x) {
       const double gna = s[GNA] > 0.0 ? s[GNA] : sqrt(gg_raw);
       kappa = xx > 0.0 ? gna / sqrt(xx) : 0.0;
+      if (fused) {  // keep the kappa step_fused used when it is close enough to this one
+        kappa_spec = spec_kappa(s);
+        const double diff = kappa_spec > kappa ? kappa_spec - kappa : kappa - kappa_spec;
+        if (diff <= KAPPA_TOLERANCE * kappa)
+          kappa = kappa_spec;
+        else
+          redo = true;
+      }
     }
     for (int k = 0; k < p.nseg; ++k) {
       const double* r = red + k * RED_WIDTH;
       const double c = p.with_x ? p.wd[k] * kappa : 0.0;
-      coef[k] = c;
+      coef[k] = fused ? (redo ? c - p.wd[k] * kappa_spec : 0.0) : c;
       gd += p.inv * r[0] + c * r[2];
       gg += p.inv * p.inv * r[1] + 2.0 * c * p.inv * r[3] + c * c * r[4];
     }
@@ -232,6 +261,7 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
     s[STEP] = s[ALPHA];
     s[APPLIED] = s[ALPHA];
     s[HAS_POINT] = p.stochastic ? 0.0 : 1.0;
+    s[XX_CACHE] = -1.0;
     s[MODE] = MODE_STEP;
     s[MOVE_S] = s[ALPHA];
     s[STATUS] = ST_OK;
@@ -248,6 +278,12 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
   const double S = (denom != 0.0 && finite(denom)) ? gd / denom : 0.0;
   const double step = accepted_update(s, S, sqrt(gg), p);
   const double b = p.momentum;
+  double xdn = 0.0;  // <x, d_new>, for |x_new|^2 below
+  if (p.with_x)
+    for (int k = 0; k < p.nseg; ++k) {
+      const double* r = red + k * RED_WIDTH;
+      xdn += b * r[2] + (1.0 - b) * (p.inv * r[3] + p.wd[k] * kappa * r[4]);
+    }
   if (b == 0.0) {
     s[DIR_SQ] = gg;
     s[DIR_SCALE] = 1.0;
@@ -258,7 +294,14 @@ ELRA_HD void finalize(const double* red, double* s, double* coef, const Finalize
     s[DIR_SCALE] = sq > 0.0 ? g_new / sq : 1.0;
   }
   s[NORM_SUM] += p_norm(s);
-  if (p.kind == KIND_ACCEPT_FUSED) {  // x already moved by p.spec along d_new
+  // |x_new|^2 = |x|^2 - 2 step <x, d_new> + step^2 |d_new|^2 (d_new: the direction just stored)
+  const double xx_new = xx - 2.0 * step * xdn + step * step * s[DIR_SQ];
+  s[XX_CACHE] = (p.with_x && finite(xx_new) && xx_new > 0.0) ? xx_new : -1.0;
+  if (fused && redo) {  // x moved by p.spec along a direction with a stale c
+    s[MODE] = MODE_REDO;
+    s[MOVE_S] = p.spec;
+    s[MOVE_T] = step;
+  } else if (fused) {  // x already moved by p.spec along d_new
     const double shift = p.spec - step;
     s[MODE] = shift == 0.0 ? MODE_NONE : MODE_SHIFT;
     s[MOVE_S] = shift;
@@ -298,24 +341,31 @@ ELRA_HD void update_element(int mode, T& x, T& d, T* xg, T g, Acc inv, Acc c, Ac
 // moves by the speculative step s where g is finite (elsewhere x is kept, so that an undo can
 // restore it). For finite g this is MODE_STEP of update_element without weight decay.
 template <typename T, typename Acc>
-ELRA_HD void fused_element(T& x, T dp, T& dnew, T g, Acc inv, Acc b, Acc s) {
-  const Acc gv = static_cast<Acc>(g);
+ELRA_HD void fused_element(T& x, T dp, T& dnew, T g, Acc inv, Acc c, Acc b, Acc s) {
+  const Acc gv = static_cast<Acc>(g), xo = static_cast<Acc>(x);
   Acc dn = inv * gv;
+  if (c != Acc(0)) dn += c * xo;
   if (b != Acc(0)) dn = b * static_cast<Acc>(dp) + (Acc(1) - b) * dn;
   const T dt = static_cast<T>(dn);
   dnew = dt;
-  if (finite(gv)) x = static_cast<T>(static_cast<Acc>(x) - s * static_cast<Acc>(dt));
+  if (finite(gv)) x = static_cast<T>(xo - s * static_cast<Acc>(dt));
 }
 
-// One element of fixup (after step_fused and finalize): see MODE_SHIFT and MODE_UNDO_RETRACE.
+// One element of fixup (after step_fused and finalize): see MODE_SHIFT, MODE_UNDO_RETRACE and
+// MODE_REDO (u, r: MOVE_S, MOVE_T; dc: the segment's correction of c; b: momentum).
 template <typename T, typename Acc>
-ELRA_HD void fixup_element(int mode, T& x, T dp, T& dnew, T g, Acc u, Acc r) {
+ELRA_HD void fixup_element(int mode, T& x, T dp, T& dnew, T g, Acc u, Acc r, Acc dc, Acc b) {
   if (mode == MODE_SHIFT) {
     x = static_cast<T>(static_cast<Acc>(x) + u * static_cast<Acc>(dnew));
   } else if (mode == MODE_UNDO_RETRACE) {
     if (finite(static_cast<Acc>(g))) x = static_cast<T>(static_cast<Acc>(x) + u * static_cast<Acc>(dnew));
     x = static_cast<T>(static_cast<Acc>(x) + r * static_cast<Acc>(dp));
     dnew = dp;
+  } else if (mode == MODE_REDO) {
+    const Acc xo = static_cast<Acc>(x) + u * static_cast<Acc>(dnew);
+    const T dt = static_cast<T>(static_cast<Acc>(dnew) + (Acc(1) - b) * dc * xo);
+    dnew = dt;
+    x = static_cast<T>(xo - r * static_cast<Acc>(dt));
   }
 }
 

@@ -175,34 +175,53 @@ __attribute__((target("avx2,fma"))) void step_chunk_avx2(float* __restrict__ x,
 }
 
 // One element of the float32 step_fused kernels below (their alignment peel and tail).
+template <bool WITH_X>
 inline void fused_scalar(float* x, const float* dp, float* dn, const float* g, int64_t k,
-                         float inv, float s, double* sums) {
-  const float gv = g[k];
+                         float inv, float c, float mb, float s, double* sums) {
+  const float gv = g[k], xv = x[k];
   sums[0] += gv * dp[k];
   sums[1] += gv * gv;
-  fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, 0.0f, s);
+  if constexpr (WITH_X) {
+    sums[2] += xv * dp[k];
+    sums[3] += gv * xv;
+    sums[4] += xv * xv;
+  }
+  fused_element<float, float>(x[k], dp[k], dn[k], gv, inv, c, mb, s);
 }
 
-// step_fused for float32 without momentum: the sums <g, d_prev> and |g|^2 (one 8-wide
-// accumulator each, in the order of the elements after the alignment peel), dn <- inv g into
-// d_new (streamed, as in step_chunk_avx2), x <- x - s dn where g is finite.
+// step_fused for float32: the sums <g, d_prev> and |g|^2 (and with weight decay <x, d_prev>,
+// <g, x>, |x|^2; one 8-wide accumulator each, in the order of the elements after the alignment
+// peel), dn <- inv g (+ c x), with momentum mb dn <- mb d_prev + (1 - mb) dn, into d_new
+// (streamed, as in step_chunk_avx2), x <- x - s dn where g is finite.
+template <bool WITH_X>
 __attribute__((target("avx2,fma"))) void fused_chunk_avx2(float* __restrict__ x,
                                                           const float* __restrict__ dp,
                                                           float* __restrict__ dn,
                                                           const float* __restrict__ g, int64_t b,
-                                                          int64_t e, float inv, float s,
-                                                          bool stream, double* sums) {
+                                                          int64_t e, float inv, float c, float mb,
+                                                          float s, bool stream, double* sums) {
   int64_t i = b;
-  auto scalar = [&](int64_t k) { fused_scalar(x, dp, dn, g, k, inv, s, sums); };
+  auto scalar = [&](int64_t k) { fused_scalar<WITH_X>(x, dp, dn, g, k, inv, c, mb, s, sums); };
   if (stream)
     for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 31) != 0; ++i) scalar(i);
-  const __m256 vi = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
-  __m256 gd = zero, gg = zero;
+  const __m256 vi = _mm256_set1_ps(inv), vc = _mm256_set1_ps(c), vs = _mm256_set1_ps(s);
+  const __m256 vb = _mm256_set1_ps(mb), v1b = _mm256_set1_ps(1.0f - mb);
+  const bool with_b = mb != 0.0f;
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[RED_WIDTH] = {zero, zero, zero, zero, zero};
   for (; i + 8 <= e; i += 8) {
     const __m256 g0 = _mm256_loadu_ps(g + i), x0 = _mm256_loadu_ps(x + i);
-    gd = _mm256_fmadd_ps(g0, _mm256_loadu_ps(dp + i), gd);
-    gg = _mm256_fmadd_ps(g0, g0, gg);
-    const __m256 dt = _mm256_mul_ps(vi, g0);
+    const __m256 d0 = _mm256_loadu_ps(dp + i);
+    acc[0] = _mm256_fmadd_ps(g0, d0, acc[0]);
+    acc[1] = _mm256_fmadd_ps(g0, g0, acc[1]);
+    __m256 dt = _mm256_mul_ps(vi, g0);
+    if constexpr (WITH_X) {
+      acc[2] = _mm256_fmadd_ps(x0, d0, acc[2]);
+      acc[3] = _mm256_fmadd_ps(g0, x0, acc[3]);
+      acc[4] = _mm256_fmadd_ps(x0, x0, acc[4]);
+      dt = _mm256_fmadd_ps(vc, x0, dt);
+    }
+    if (with_b) dt = _mm256_fmadd_ps(vb, d0, _mm256_mul_ps(v1b, dt));
     const __m256 ok = _mm256_cmp_ps(_mm256_sub_ps(g0, g0), zero, _CMP_EQ_OQ);  // g finite
     _mm256_storeu_ps(x + i, _mm256_blendv_ps(x0, _mm256_fnmadd_ps(vs, dt, x0), ok));
     if (stream)
@@ -211,53 +230,70 @@ __attribute__((target("avx2,fma"))) void fused_chunk_avx2(float* __restrict__ x,
       _mm256_storeu_ps(dn + i, dt);
   }
   float lanes[8];
-  _mm256_storeu_ps(lanes, gd);
-  for (int l = 0; l < 8; ++l) sums[0] += lanes[l];
-  _mm256_storeu_ps(lanes, gg);
-  for (int l = 0; l < 8; ++l) sums[1] += lanes[l];
+  for (int k = 0; k < (WITH_X ? RED_WIDTH : 2); ++k) {
+    _mm256_storeu_ps(lanes, acc[k]);
+    for (int l = 0; l < 8; ++l) sums[k] += lanes[l];
+  }
   for (; i < e; ++i) scalar(i);
   if (stream) _mm_sfence();
 }
 
-// The same with AVX-512: masked stores keep x where g is not finite (cheaper than the blend; at
-// 32M parameters about 7% faster than the AVX2 version on this machine).
+// 16 elements of the AVX-512 kernel below (a function of its own: a lambda would not inherit
+// the target attribute that the intrinsics need).
+template <bool WITH_X>
+__attribute__((target("avx512f"), always_inline)) inline void fused_vec512(
+    float* __restrict__ x, const float* __restrict__ dp, float* __restrict__ dn,
+    const float* __restrict__ g, int64_t j, __m512 vi, __m512 vc, __m512 vb, __m512 v1b,
+    bool with_b, __m512 vs, bool stream, __m512* acc) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 g0 = _mm512_loadu_ps(g + j), x0 = _mm512_loadu_ps(x + j);
+  const __m512 d0 = _mm512_loadu_ps(dp + j);
+  acc[0] = _mm512_fmadd_ps(g0, d0, acc[0]);
+  acc[1] = _mm512_fmadd_ps(g0, g0, acc[1]);
+  __m512 t0 = _mm512_mul_ps(vi, g0);
+  if constexpr (WITH_X) {
+    acc[2] = _mm512_fmadd_ps(x0, d0, acc[2]);
+    acc[3] = _mm512_fmadd_ps(g0, x0, acc[3]);
+    acc[4] = _mm512_fmadd_ps(x0, x0, acc[4]);
+    t0 = _mm512_fmadd_ps(vc, x0, t0);
+  }
+  if (with_b) t0 = _mm512_fmadd_ps(vb, d0, _mm512_mul_ps(v1b, t0));
+  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(g0, g0), zero, _CMP_EQ_OQ);
+  _mm512_mask_storeu_ps(x + j, ok, _mm512_fnmadd_ps(vs, t0, x0));
+  if (stream)
+    _mm512_stream_ps(dn + j, t0);
+  else
+    _mm512_storeu_ps(dn + j, t0);
+}
+
+// The same with AVX-512, two vectors per iteration: masked stores keep x where g is not finite
+// (cheaper than the blend; at 32M parameters about 7% faster than the AVX2 version here).
+template <bool WITH_X>
 __attribute__((target("avx512f"))) void fused_chunk_avx512(float* __restrict__ x,
                                                           const float* __restrict__ dp,
                                                           float* __restrict__ dn,
                                                           const float* __restrict__ g, int64_t b,
-                                                          int64_t e, float inv, float s,
-                                                          bool stream, double* sums) {
+                                                          int64_t e, float inv, float c, float mb,
+                                                          float s, bool stream, double* sums) {
   int64_t i = b;
-  auto scalar = [&](int64_t k) { fused_scalar(x, dp, dn, g, k, inv, s, sums); };
+  auto scalar = [&](int64_t k) { fused_scalar<WITH_X>(x, dp, dn, g, k, inv, c, mb, s, sums); };
   if (stream)
     for (; i < e && (reinterpret_cast<uintptr_t>(dn + i) & 63) != 0; ++i) scalar(i);
-  const __m512 vi = _mm512_set1_ps(inv), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
-  __m512 gd0 = zero, gd1 = zero, gg0 = zero, gg1 = zero;
+  const __m512 vi = _mm512_set1_ps(inv), vc = _mm512_set1_ps(c), vs = _mm512_set1_ps(s);
+  const __m512 vb = _mm512_set1_ps(mb), v1b = _mm512_set1_ps(1.0f - mb);
+  const bool with_b = mb != 0.0f;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a0[RED_WIDTH] = {zero, zero, zero, zero, zero};
+  __m512 a1[RED_WIDTH] = {zero, zero, zero, zero, zero};
   for (; i + 32 <= e; i += 32) {
-    const __m512 g0 = _mm512_loadu_ps(g + i), g1 = _mm512_loadu_ps(g + i + 16);
-    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-    gd0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(dp + i), gd0);
-    gd1 = _mm512_fmadd_ps(g1, _mm512_loadu_ps(dp + i + 16), gd1);
-    gg0 = _mm512_fmadd_ps(g0, g0, gg0);
-    gg1 = _mm512_fmadd_ps(g1, g1, gg1);
-    const __m512 t0 = _mm512_mul_ps(vi, g0), t1 = _mm512_mul_ps(vi, g1);
-    const __mmask16 ok0 = _mm512_cmp_ps_mask(_mm512_sub_ps(g0, g0), zero, _CMP_EQ_OQ);
-    const __mmask16 ok1 = _mm512_cmp_ps_mask(_mm512_sub_ps(g1, g1), zero, _CMP_EQ_OQ);
-    _mm512_mask_storeu_ps(x + i, ok0, _mm512_fnmadd_ps(vs, t0, x0));
-    _mm512_mask_storeu_ps(x + i + 16, ok1, _mm512_fnmadd_ps(vs, t1, x1));
-    if (stream) {
-      _mm512_stream_ps(dn + i, t0);
-      _mm512_stream_ps(dn + i + 16, t1);
-    } else {
-      _mm512_storeu_ps(dn + i, t0);
-      _mm512_storeu_ps(dn + i + 16, t1);
-    }
+    fused_vec512<WITH_X>(x, dp, dn, g, i, vi, vc, vb, v1b, with_b, vs, stream, a0);
+    fused_vec512<WITH_X>(x, dp, dn, g, i + 16, vi, vc, vb, v1b, with_b, vs, stream, a1);
   }
   float lanes[16];
-  _mm512_storeu_ps(lanes, _mm512_add_ps(gd0, gd1));
-  for (int l = 0; l < 16; ++l) sums[0] += lanes[l];
-  _mm512_storeu_ps(lanes, _mm512_add_ps(gg0, gg1));
-  for (int l = 0; l < 16; ++l) sums[1] += lanes[l];
+  for (int k = 0; k < (WITH_X ? RED_WIDTH : 2); ++k) {
+    _mm512_storeu_ps(lanes, _mm512_add_ps(a0[k], a1[k]));
+    for (int l = 0; l < 16; ++l) sums[k] += lanes[l];
+  }
   for (; i < e; ++i) scalar(i);
   if (stream) _mm_sfence();
 }
@@ -469,73 +505,79 @@ void update_range(int mode, T* x, T* d, T* xg, const T* g, int64_t n, double inv
 }
 
 // step_fused over [b, e) for any dtype and momentum: sums in the opmath type (LANES lanes).
-template <typename T>
+template <typename T, bool WITH_X>
 ELRA_CLONES void fused_chunk(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
                              const T* __restrict__ g, int64_t b, int64_t e,
-                             at::opmath_type<T> inv, at::opmath_type<T> mb,
-                             at::opmath_type<T> s, double* sums) {
+                             at::opmath_type<T> inv, at::opmath_type<T> c,
+                             at::opmath_type<T> mb, at::opmath_type<T> s, double* sums) {
   using Acc = at::opmath_type<T>;
-  Acc gd[LANES] = {}, gg[LANES] = {};
+  Acc gd[LANES] = {}, gg[LANES] = {}, xd[LANES] = {}, gx[LANES] = {}, xx[LANES] = {};
+  auto one = [&](int64_t i, int l) {
+    const Acc gv = static_cast<Acc>(g[i]), dv = static_cast<Acc>(dp[i]);
+    gd[l] += gv * dv;
+    gg[l] += gv * gv;
+    if constexpr (WITH_X) {
+      const Acc xv = static_cast<Acc>(x[i]);
+      xd[l] += xv * dv;
+      gx[l] += gv * xv;
+      xx[l] += xv * xv;
+    }
+    fused_element<T, Acc>(x[i], dp[i], dn[i], g[i], inv, c, mb, s);
+  };
   int64_t i = b;
   for (; i + LANES <= e; i += LANES)
-    for (int l = 0; l < LANES; ++l) {
-      const Acc gv = static_cast<Acc>(g[i + l]);
-      gd[l] += gv * static_cast<Acc>(dp[i + l]);
-      gg[l] += gv * gv;
-      fused_element<T, Acc>(x[i + l], dp[i + l], dn[i + l], g[i + l], inv, mb, s);
-    }
-  for (; i < e; ++i) {
-    const Acc gv = static_cast<Acc>(g[i]);
-    gd[0] += gv * static_cast<Acc>(dp[i]);
-    gg[0] += gv * gv;
-    fused_element<T, Acc>(x[i], dp[i], dn[i], g[i], inv, mb, s);
-  }
+    for (int l = 0; l < LANES; ++l) one(i + l, l);
+  for (; i < e; ++i) one(i, 0);
   for (int l = 0; l < LANES; ++l) {
     sums[0] += gd[l];
     sums[1] += gg[l];
+    sums[2] += xd[l];
+    sums[3] += gx[l];
+    sums[4] += xx[l];
   }
 }
 
 // One segment of step_fused: per fixed-size chunk in parallel, chunk sums added in order.
-template <typename T>
-void fused_range(T* x, const T* dp, T* dn, const T* g, int64_t n, double inv, double b, double s,
-                 double* out5) {
+template <typename T, bool WITH_X>
+void fused_range(T* x, const T* dp, T* dn, const T* g, int64_t n, double inv, double c, double b,
+                 double s, double* out5) {
   using Acc = at::opmath_type<T>;
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
-  std::vector<double> partial(static_cast<size_t>(nchunks) * 2, 0.0);
+  std::vector<double> partial(static_cast<size_t>(nchunks) * RED_WIDTH, 0.0);
   constexpr int64_t STREAM_FROM = int64_t(1) << 22;  // as in update_range
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK);
-      double* sums = partial.data() + 2 * c;
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t lo = ch * CHUNK, hi = std::min(n, lo + CHUNK);
+      double* sums = partial.data() + RED_WIDTH * ch;
 #ifdef ELRA_HAVE_AVX2_PATH
       if constexpr (std::is_same_v<T, float>) {
-        if (b == 0.0 && cpu_has_avx512()) {
-          fused_chunk_avx512(x, dp, dn, g, lo, hi, static_cast<float>(inv),
-                             static_cast<float>(s), n >= STREAM_FROM, sums);
+        const float fi = static_cast<float>(inv), fc = static_cast<float>(c);
+        const float fb = static_cast<float>(b), fs = static_cast<float>(s);
+        if (cpu_has_avx512()) {
+          fused_chunk_avx512<WITH_X>(x, dp, dn, g, lo, hi, fi, fc, fb, fs, n >= STREAM_FROM,
+                                     sums);
           continue;
         }
-        if (b == 0.0 && cpu_has_avx2()) {
-          fused_chunk_avx2(x, dp, dn, g, lo, hi, static_cast<float>(inv), static_cast<float>(s),
-                           n >= STREAM_FROM, sums);
+        if (cpu_has_avx2()) {
+          fused_chunk_avx2<WITH_X>(x, dp, dn, g, lo, hi, fi, fc, fb, fs, n >= STREAM_FROM, sums);
           continue;
         }
       }
 #endif
-      fused_chunk<T>(x, dp, dn, g, lo, hi, static_cast<Acc>(inv), static_cast<Acc>(b),
-                     static_cast<Acc>(s), sums);
+      fused_chunk<T, WITH_X>(x, dp, dn, g, lo, hi, static_cast<Acc>(inv), static_cast<Acc>(c),
+                             static_cast<Acc>(b), static_cast<Acc>(s), sums);
     }
   });
-  for (int64_t c = 0; c < nchunks; ++c) {
-    out5[0] += partial[2 * c];
-    out5[1] += partial[2 * c + 1];
-  }
+  for (int64_t ch = 0; ch < nchunks; ++ch)
+    for (int k = 0; k < RED_WIDTH; ++k) out5[k] += partial[RED_WIDTH * ch + k];
 }
 
 void step_fused_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
-                    at::IntArrayRef bounds, double inv, double momentum, double step,
-                    at::Tensor& out) {
-  const int nseg = check_step_fused(x, dp, dn, g, bounds, out);
+                    const at::Tensor& scal, at::IntArrayRef bounds, double inv, double momentum,
+                    double step, at::ArrayRef<double> wd, at::Tensor& out) {
+  const int nseg = check_step_fused(x, dp, dn, g, scal, bounds, wd.size(), out);
+  const bool with_x = !wd.empty();
+  const double kappa = with_x ? spec_kappa(scal.data_ptr<double>()) : 0.0;
   double* o = out.data_ptr<double>();
   for (int k = 0; k < nseg * RED_WIDTH; ++k) o[k] = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_step_fused", [&] {
@@ -546,8 +588,12 @@ void step_fused_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const a
     for (int k = 0; k < nseg; ++k) {
       const int64_t b = bounds[k], n = bounds[k + 1] - b;
       if (n == 0) continue;
-      fused_range<scalar_t>(xp + b, dpp + b, dnp + b, gp + b, n, inv, momentum, step,
-                            o + k * RED_WIDTH);
+      if (with_x)
+        fused_range<scalar_t, true>(xp + b, dpp + b, dnp + b, gp + b, n, inv, wd[k] * kappa,
+                                    momentum, step, o + k * RED_WIDTH);
+      else
+        fused_range<scalar_t, false>(xp + b, dpp + b, dnp + b, gp + b, n, inv, 0.0, momentum,
+                                     step, o + k * RED_WIDTH);
     }
   });
 }
@@ -555,18 +601,21 @@ void step_fused_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const a
 template <typename T>
 ELRA_CLONES void fixup_chunk(int mode, T* __restrict__ x, const T* __restrict__ dp,
                              T* __restrict__ dn, const T* __restrict__ g, int64_t b, int64_t e,
-                             at::opmath_type<T> u, at::opmath_type<T> r) {
+                             at::opmath_type<T> u, at::opmath_type<T> r, at::opmath_type<T> dc,
+                             at::opmath_type<T> mb) {
   using Acc = at::opmath_type<T>;
-  for (int64_t i = b; i < e; ++i) fixup_element<T, Acc>(mode, x[i], dp[i], dn[i], g[i], u, r);
+  for (int64_t i = b; i < e; ++i)
+    fixup_element<T, Acc>(mode, x[i], dp[i], dn[i], g[i], u, r, dc, mb);
 }
 
 void fixup_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
-               const at::Tensor& scal) {
-  check_fixup(x, dp, dn, g, scal);
+               const at::Tensor& scal, const at::Tensor& coef, at::IntArrayRef bounds,
+               double momentum) {
+  const int nseg = check_fixup(x, dp, dn, g, scal, coef, bounds);
   const double* s = scal.data_ptr<double>();
+  const double* cf = coef.data_ptr<double>();
   const int mode = static_cast<int>(s[MODE]);
-  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE) return;
-  const int64_t n = x.numel();
+  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE && mode != MODE_REDO) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_fixup", [&] {
     using Acc = at::opmath_type<scalar_t>;
     scalar_t* xp = x.data_ptr<scalar_t>();
@@ -574,9 +623,14 @@ void fixup_cpu(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Te
     scalar_t* dnp = dn.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const Acc u = static_cast<Acc>(s[MOVE_S]), r = static_cast<Acc>(s[MOVE_T]);
-    at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
-      fixup_chunk<scalar_t>(mode, xp, dpp, dnp, gp, lo, hi, u, r);
-    });
+    const Acc mb = static_cast<Acc>(momentum);
+    for (int k = 0; k < nseg; ++k) {
+      const int64_t b = bounds[k], e = bounds[k + 1];
+      const Acc dc = static_cast<Acc>(cf[k]);
+      at::parallel_for(b, e, CHUNK, [&](int64_t lo, int64_t hi) {
+        fixup_chunk<scalar_t>(mode, xp, dpp, dnp, gp, lo, hi, u, r, dc, mb);
+      });
+    }
   });
 }
 
@@ -613,9 +667,10 @@ TORCH_LIBRARY(elra, m) {
   m.def("finalize(Tensor red, Tensor(a!) scal, Tensor(b!) coef, float[] params, float[] wd) -> ()");
   m.def("update(Tensor(a!) x, Tensor(b!) d, Tensor g, Tensor(c!)? xg, Tensor scal, Tensor coef, "
         "int[] bounds, float momentum) -> ()");
-  m.def("step_fused(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, int[] bounds, "
-        "float inv, float momentum, float step, Tensor(c!) out) -> ()");
-  m.def("fixup(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal) -> ()");
+  m.def("step_fused(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal, "
+        "int[] bounds, float inv, float momentum, float step, float[] wd, Tensor(c!) out) -> ()");
+  m.def("fixup(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal, "
+        "Tensor coef, int[] bounds, float momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(elra, CPU, m) {

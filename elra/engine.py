@@ -186,6 +186,13 @@ class TorchEngine(Engine):
 
     name = "torch"
 
+    def __init__(self, buffers: list[FlatBuffer], **kw):
+        super().__init__(buffers, **kw)
+        self._gprime: Optional[list[torch.Tensor]] = None  # g' with weight decay (see reduce)
+
+    def scratch_buffers(self) -> list[torch.Tensor]:
+        return list(self._gprime) if self._gprime is not None else []
+
     def _sources(self, use_collected: bool) -> list[torch.Tensor]:
         return self.collected if use_collected else [b.grad for b in self.buffers]
 
@@ -220,41 +227,58 @@ class TorchEngine(Engine):
                 return Reductions(finite=False)
             n = math.sqrt(gg)
             return Reductions(True, n, n, gd, gg, None)
-        # weight decay: per segment <g,d>, |g|^2, <x,d>, <g,x>, |x|^2
-        seg_vals = []
-        for buf, g, d in zip(self.buffers, srcs, self.direction):
-            rows = []
-            for s in buf.segments:
-                gs, ds, xs = g[s.start:s.end], d[s.start:s.end], buf.data[s.start:s.end]
-                rows.append(torch.stack([_dot(gs, ds), _dot(gs, gs), _dot(xs, ds),
-                                         _dot(gs, xs), _dot(xs, xs)]))
-            seg_vals.append(torch.stack(rows).double().tolist())
-        gg_raw = sum(r[1] for rows in seg_vals for r in rows) * inv * inv
-        if not self._grad_ok(gg_raw):
-            return Reductions(finite=False)
-        xx = sum(r[4] for rows in seg_vals for r in rows)
+        # weight decay: |x| first (kappa), then g' = inv g + c x into a working buffer of the
+        # engine, and <g', d>, |g'|^2 from it (fewer passes over memory than the five sums of
+        # the raw vectors: 10 streams per step instead of 18)
+        xs = [buf.data for buf in self.buffers]
+        xx = float(sum(_dot(x, x).double() for x in xs))
+        half = any(b.dtype in _HALF for b in self.buffers)
+        gg_raw = None
+        if half or self.scalars.gna <= 0.0:
+            gg_raw = float(sum(_dot(g, g).double() for g in srcs)) * inv * inv
+            if not self._grad_ok(gg_raw):
+                return Reductions(finite=False)
         gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
         kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
-        gd = gg = 0.0
+        if self._gprime is None:
+            self._gprime = [b.new_zeros() for b in self.buffers]
         coefs = []
-        for buf, rows in zip(self.buffers, seg_vals):
+        for buf, g, gp in zip(self.buffers, srcs, self._gprime):
             cs = []
-            for s, (sgd, sgg, sxd, sgx, sxx) in zip(buf.segments, rows):
-                c = wd[s.group] * kappa
+            for seg in buf.segments:
+                c = wd[seg.group] * kappa
                 cs.append(c)
-                gd += inv * sgd + c * sxd
-                gg += inv * inv * sgg + 2 * c * inv * sgx + c * c * sxx
+                sl = slice(seg.start, seg.end)
+                if c == 0.0:
+                    torch.mul(g[sl], inv, out=gp[sl])
+                elif inv == 1.0:
+                    torch.add(g[sl], buf.data[sl], alpha=c, out=gp[sl])
+                else:
+                    torch.add(buf.data[sl], g[sl], alpha=inv / c, out=gp[sl]).mul_(c)
             coefs.append(cs)
-        gg = max(gg, 0.0)
+        parts = [torch.stack([_dot(gp, d), _dot(gp, gp)]) for gp, d in zip(self._gprime,
+                                                                           self.direction)]
+        gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
         if not math.isfinite(gg) or not math.isfinite(gd):
             return Reductions(finite=False)
-        return Reductions(True, math.sqrt(gg), math.sqrt(gg_raw), gd, gg, coefs)
+        n = math.sqrt(max(gg, 0.0))
+        return Reductions(True, n, math.sqrt(gg_raw) if gg_raw is not None else n, gd, gg, coefs)
 
     def _write_direction(self, red: Reductions, use_collected: bool, inv: float,
                          b: float) -> None:
-        """d <- b * d + (1 - b) * g' with g' = inv * g + c * x per segment (b = momentum)."""
-        for k, (buf, g, d) in enumerate(zip(self.buffers, self._sources(use_collected),
-                                            self.direction)):
+        """d <- b * d + (1 - b) * g' with g' = inv * g + c * x per segment (b = momentum).
+
+        With weight decay g' is already in the working buffer (see :meth:`reduce`): without
+        momentum it simply becomes the direction (the buffers swap roles).
+        """
+        if red.coefs is not None:
+            if b == 0.0:
+                self.direction, self._gprime = self._gprime, self.direction
+            else:
+                for d, gp in zip(self.direction, self._gprime):
+                    d.mul_(b).add_(gp, alpha=1 - b)
+            return
+        for g, d in zip(self._sources(use_collected), self.direction):
             if b == 0.0:
                 if inv == 1.0:
                     d.copy_(g)
@@ -262,10 +286,6 @@ class TorchEngine(Engine):
                     torch.mul(g, inv, out=d)
             else:
                 d.mul_(b).add_(g, alpha=(1 - b) * inv)
-            if red.coefs is not None:
-                for s, c in zip(buf.segments, red.coefs[k]):
-                    if c != 0.0:
-                        d[s.start:s.end].add_(buf.data[s.start:s.end], alpha=(1 - b) * c)
 
     def _move(self, step: float) -> None:
         for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):

@@ -19,9 +19,11 @@ collection read device values synchronously.
 See the note of the same name in ``csrc/elra_math.h``: the reductions and the update run as one
 pass (``step_fused``) with the step the host already knows, a fix-up pass follows only when the
 clip or a non-finite gradient changed it, and the engine alternates between two direction
-buffers. Used in the stochastic regime without weight decay coefficients, boosting or a kept
-retrace copy (half precision), and not right after a clipped step (which predicts another
-clip); the other steps take the two-pass path (``reduce``, ``finalize``, ``update``).
+buffers. With weight decay the pass takes |x| from the last step (see [note: weight decay in
+one pass] there). Used in the stochastic regime without boosting or a kept retrace copy (half
+precision), not right after a clipped step (which predicts another clip) and, with weight decay,
+only when the last step left a usable |x|; the other steps take the two-pass path (``reduce``,
+``finalize``, ``update``).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from typing import Optional
 import torch
 
 from . import _native
-from .control import LR_MIN
+from .control import CLIP, LR_MIN
 from .engine import _HALF, Engine
 from .flat_buffer import FlatBuffer
 
+CLIP_FORESIGHT = 0.8  # a step predicted within 80% of the clip takes the two-pass path
+
 # slot indices and codes of csrc/elra_math.h
 ALPHA, LR, STEP, MEAN_ANGLE, MIN_ANGLE, NORM_SUM, DIR_SQ, DIR_SCALE, GNA, STATUS = range(10)
-MODE, GRAD_SQ, APPLIED, HAS_POINT, CLIPPED, NUM_SLOTS = 10, 14, 15, 16, 17, 24
+MODE, GRAD_SQ, APPLIED, HAS_POINT, CLIPPED, XX_CACHE, NUM_SLOTS = 10, 14, 15, 16, 17, 18, 24
 MODE_NONE = 0
 ST_OK, ST_RETRACE, ST_BAD_GRADIENT, ST_NONE = 0, 1, 2, 3
 KIND_FIRST, KIND_ACCEPT, KIND_RETRACE, KIND_ACCEPT_FUSED = 0, 1, 2, 3
@@ -47,8 +51,9 @@ RED_WIDTH = 5
 _STATE_SLOTS = {"alpha": ALPHA, "lr": LR, "step_size": STEP, "mean_angle": MEAN_ANGLE,
                 "min_angle": MIN_ANGLE, "norm_sum": NORM_SUM, "gna": GNA,
                 "dir_sqnorm": DIR_SQ, "dir_scale": DIR_SCALE, "applied": APPLIED,
-                "has_point": HAS_POINT}
-_OPTIONAL = {"gna": 0.0, "applied": None, "has_point": 1.0}  # None: the saved step_size
+                "has_point": HAS_POINT, "clipped": CLIPPED, "xx_cache": XX_CACHE}
+# keys that older checkpoints (or the torch engine's) lack; None: the saved step_size
+_OPTIONAL = {"gna": 0.0, "applied": None, "has_point": 1.0, "clipped": 0.0, "xx_cache": -1.0}
 
 
 class NativeEngine(Engine):
@@ -104,6 +109,8 @@ class NativeEngine(Engine):
         self.fuse = bool(fuse) and stochastic and not self._keep_copy
         self._spare: Optional[list[torch.Tensor]] = None  # the other direction buffer
         self._clipped = False  # the last accepted step was clipped (GPU: as last read)
+        self._grad_sq = 0.0  # |g|^2 of the last step (GPU: as last read)
+        self._xx_known = False  # XX_CACHE and GNA usable by a one-pass step with decay (GPU)
 
     # --- reading the device scalars ------------------------------------------------------------
     def _read(self, slot: int) -> float:
@@ -178,12 +185,16 @@ class NativeEngine(Engine):
     def set_grad_norm_avg(self, value: float) -> None:
         self._scal[MEAN_ANGLE:NORM_SUM + 1].zero_()
         self._scal[GNA].fill_(value)
+        if value <= 0.0:
+            self._xx_known = False
 
     def resolve(self) -> Optional[bool]:
         v = self._read_all()  # one transfer on a GPU
         if self._view is None:
             self._last_step = float(v[STEP])
             self._clipped = bool(v[CLIPPED])
+            self._grad_sq = float(v[GRAD_SQ])
+            self._xx_known = bool(v[XX_CACHE] > 0.0 and v[GNA] > 0.0)
         return int(v[STATUS]) == ST_OK
 
     def scratch_buffers(self) -> list[torch.Tensor]:
@@ -239,15 +250,27 @@ class NativeEngine(Engine):
         self._update(use_collected, 0.0)
         return done
 
-    def _fusable(self, wd, booster) -> bool:
-        if not self.fuse or wd is not None or booster is not None:
+    def _fusable(self, wd, booster, spec: float) -> bool:
+        """Whether the one-pass step applies. Not when the clip is likely: the pass would move
+        by ``spec`` and shift back, rounding at the scale of the longer move (predicted from
+        the last step: it was clipped, or ``spec`` times its |g| is near the clip)."""
+        if not self.fuse or booster is not None:
             return False
-        clipped = bool(self._view[CLIPPED]) if self._view is not None else self._clipped
-        return not clipped
+        v = self._view
+        clipped, grad_sq = (bool(v[CLIPPED]), float(v[GRAD_SQ])) if v is not None else (
+            self._clipped, self._grad_sq)
+        if clipped or spec * spec * grad_sq > (CLIP_FORESIGHT * CLIP) ** 2:
+            return False
+        if wd is None:
+            return True
+        return bool(v[XX_CACHE] > 0.0 and v[GNA] > 0.0) if v is not None else self._xx_known
 
     def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
-        if self._fusable(wd, booster):
-            return self._accept_fused(use_collected, inv, inputs, f, f_last)
+        # the step finalize will choose unless the clip or a bad gradient intervenes (as there)
+        spec = inputs.lr_schedule if inputs.lr_schedule < inputs.lr_warmup else inputs.lr_warmup
+        spec = LR_MIN if spec < LR_MIN else spec
+        if self._fusable(wd, booster, spec):
+            return self._accept_fused(use_collected, inv, wd, inputs, f, f_last, spec)
         self._reduce(use_collected, wd is not None)
         self._finalize(KIND_ACCEPT, inv, wd, inputs.growth, inputs.lr_schedule, inputs.lr_warmup,
                        f, f_last)
@@ -255,21 +278,21 @@ class NativeEngine(Engine):
         self._update(use_collected, self.momentum)
         return done
 
-    def _accept_fused(self, use_collected, inv, inputs, f, f_last) -> Optional[bool]:
-        # the step finalize will choose unless the clip or a bad gradient intervenes (as there)
-        spec = inputs.lr_schedule if inputs.lr_schedule < inputs.lr_warmup else inputs.lr_warmup
-        spec = LR_MIN if spec < LR_MIN else spec
+    def _accept_fused(self, use_collected, inv, wd, inputs, f, f_last, spec) -> Optional[bool]:
         if self._spare is None:
             self._spare = [b.new_zeros() for b in self.buffers]
         sources = self._sources(use_collected)
         for buf, g, d, dn, bounds, out in zip(self.buffers, sources, self.direction,
                                               self._spare, self._bounds, self._red_views):
-            self._op_step_fused(buf.data, d, dn, g, bounds, inv, self.momentum, spec, out)
-        self._finalize(KIND_ACCEPT_FUSED, inv, None, inputs.growth, inputs.lr_schedule,
+            wdl = [wd[s.group] for s in buf.segments] if wd is not None else []
+            self._op_step_fused(buf.data, d, dn, g, self._scal, bounds, inv, self.momentum, spec,
+                                wdl, out)
+        self._finalize(KIND_ACCEPT_FUSED, inv, wd, inputs.growth, inputs.lr_schedule,
                        inputs.lr_warmup, f, f_last, spec)
         if self._view is None or self._view[MODE] != MODE_NONE:  # on a CPU: only if needed
-            for buf, g, d, dn in zip(self.buffers, sources, self.direction, self._spare):
-                self._op_fixup(buf.data, d, dn, g, self._scal)
+            for buf, g, d, dn, coef, bounds in zip(self.buffers, sources, self.direction,
+                                                   self._spare, self._coef_views, self._bounds):
+                self._op_fixup(buf.data, d, dn, g, self._scal, coef, bounds, self.momentum)
         self.direction, self._spare = self._spare, self.direction
         return self._outcome(None, f)
 

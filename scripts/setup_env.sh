@@ -24,6 +24,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 echo "[setup] installing elra (editable, native kernels built against the installed torch)"
+# an old extension must not stand in for one whose build failed (the build only warns then)
+rm -f "$ROOT"/elra/_C*.so
 ( cd "$ROOT" && pipq install --no-build-isolation --no-deps -e . )
 # The native kernels must have built here (this machine has a compiler), unless switched off:
 # a failed build would otherwise only show as skipped tests.

@@ -301,7 +301,7 @@ def test_update_past_the_block_cap(dtype):
 
 
 # --- step_fused and fixup --------------------------------------------------------------------
-def check_fused(seg, dtype, momentum, seed, mixed, bad=False):
+def check_fused(seg, dtype, momentum, seed, mixed, bad=False, decay=False):
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     n, bounds = sum(seg), bounds_of(seg)
@@ -310,24 +310,28 @@ def check_fused(seg, dtype, momentum, seed, mixed, bad=False):
         g[int(rng.integers(n))] = rng.choice([math.nan, math.inf])
     dn = torch.full((n,), math.nan, dtype=dtype)
     X, DP, DN, G = (to_gpu(t, o) for t, o in zip((x, dp, dn, g), offsets(rng, 4, mixed)))
+    scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
+    scal[GNA], scal[18] = 1.5, 3.0 + n  # XX_CACHE
+    wd = [float(v) for v in rng.choice([0.0, 1e-3, 2e-2], size=len(seg))] if decay else []
     out_cpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
     out_gpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64, device="cuda")
-    ops().step_fused(x, dp, dn, g, bounds, 0.75, momentum, 0.3, out_cpu)
-    ops().step_fused(X, DP, DN, G, bounds, 0.75, momentum, 0.3, out_gpu)
+    ops().step_fused(x, dp, dn, g, scal, bounds, 0.75, momentum, 0.3, wd, out_cpu)
+    ops().step_fused(X, DP, DN, G, scal.cuda(), bounds, 0.75, momentum, 0.3, wd, out_gpu)
     if not bad:
-        assert_sums_close(out_gpu.cpu(), out_cpu, reduce_scale(g, dp, x, bounds, False),
+        assert_sums_close(out_gpu.cpu(), out_cpu, reduce_scale(g, dp, x, bounds, decay),
                           SUM_TOL[dtype])
     tol = elem_tol(dtype)
     for name, cpu, gpu in (("x", x, X), ("d_new", dn, DN)):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
-    for mode in (4, 5):  # MODE_SHIFT, MODE_UNDO_RETRACE
+    coef = torch.tensor([rng.choice([0.0, 0.01, -0.2]) for _ in seg], dtype=torch.float64)
+    for mode in (4, 5, 6):  # MODE_SHIFT, MODE_UNDO_RETRACE, MODE_REDO
         scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
         scal[MODE], scal[MOVE_S], scal[MOVE_T] = mode, 0.3, -0.2
         a = [t.clone() for t in (x, dp, dn, g)]
         b = [t.clone() for t in (X, DP, DN, G)]
-        ops().fixup(*a, scal)
-        ops().fixup(*b, scal.cuda())
+        ops().fixup(*a, scal, coef, bounds, momentum)
+        ops().fixup(*b, scal.cuda(), coef.cuda(), bounds, momentum)
         for name, cpu, gpu in zip(("x", "d_prev", "d_new", "g"), a, b):
             torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
                                        msg=lambda m: f"fixup {mode} {name}: {m}")
@@ -337,12 +341,13 @@ def check_fused(seg, dtype, momentum, seed, mixed, bad=False):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("bad", [False, True])
-def test_step_fused_and_fixup_match_cpu(dtype, momentum, mixed, bad):
+@pytest.mark.parametrize("decay", [False, True])
+def test_step_fused_and_fixup_match_cpu(dtype, momentum, mixed, bad, decay):
     rng = np.random.default_rng(77)
     for seed in range(3):
-        check_fused(segments(rng), dtype, momentum, seed, mixed, bad)
-    check_fused([0], dtype, momentum, 1, mixed, bad)
-    check_fused([1] * MAX_SEGMENTS, dtype, momentum, 2, mixed, bad)
+        check_fused(segments(rng), dtype, momentum, seed, mixed, bad, decay)
+    check_fused([0], dtype, momentum, 1, mixed, bad, decay)
+    check_fused([1] * MAX_SEGMENTS, dtype, momentum, 2, mixed, bad, decay)
 
 
 def test_copy_retrace_without_copy():
@@ -374,9 +379,12 @@ def test_opcheck_all_ops_on_cuda():
     opcheck(ops().collect.default, (torch.zeros(37, device="cuda"), g, 0.5, 1.0, True, False,
                                     scal))
     dn = torch.zeros(37, device="cuda")
-    opcheck(ops().step_fused.default, (x, d, dn, g, [0, 20, 37], 1.0, 0.0, 0.3, red))
-    scal[MODE], scal[MOVE_S], scal[MOVE_T] = 5, 0.3, 0.1
-    opcheck(ops().fixup.default, (x, d, dn, g, scal))
+    scal[GNA], scal[18] = 1.5, 40.0  # XX_CACHE
+    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.0, 0.3, [], red))
+    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.5, 0.3,
+                                       [0.01, 0.0], red))
+    scal[MODE], scal[MOVE_S], scal[MOVE_T] = 6, 0.3, 0.1
+    opcheck(ops().fixup.default, (x, d, dn, g, scal, coef, [0, 20, 37], 0.5))
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -42,9 +42,12 @@ def test_opcheck_all_ops():
     opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
     opcheck(ops().collect.default, (torch.zeros(37), g, 0.5, 1.0, True, False, scal))
     dn = torch.zeros(37)
-    opcheck(ops().step_fused.default, (x, d, dn, g, [0, 20, 37], 1.0, 0.0, 0.3, red))
-    scal[10], scal[11], scal[12] = 5, 0.3, 0.1  # MODE_UNDO_RETRACE, MOVE_S, MOVE_T
-    opcheck(ops().fixup.default, (x, d, dn, g, scal))
+    scal[8], scal[18] = 1.5, 40.0  # GNA, XX_CACHE
+    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.0, 0.3, [], red))
+    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.5, 0.3,
+                                       [0.01, 0.0], red))
+    scal[10], scal[11], scal[12] = 6, 0.3, 0.1  # MODE_REDO, MOVE_S, MOVE_T
+    opcheck(ops().fixup.default, (x, d, dn, g, scal, coef, [0, 20, 37], 0.5))
 
 
 @SETTINGS
@@ -115,9 +118,11 @@ def test_update_matches_float64(seg, dtype, seed, mode, momentum, use_xg):
 
 @SETTINGS
 @given(seg=sizes, dtype=dtypes, seed=st.integers(0, 2**16), momentum=st.sampled_from([0.0, 0.5]),
-       inv=st.sampled_from([1.0, 0.25]), bad=st.sampled_from([None, math.nan, math.inf]))
-def test_step_fused_matches_float64(seg, dtype, seed, momentum, inv, bad):
-    """One pass: the sums of reduce, the direction and move of update (where g is finite)."""
+       inv=st.sampled_from([1.0, 0.25]), bad=st.sampled_from([None, math.nan, math.inf]),
+       decay=st.booleans())
+def test_step_fused_matches_float64(seg, dtype, seed, momentum, inv, bad, decay):
+    """One pass: the sums of reduce, the direction and move of update (where g is finite); with
+    weight decay c = wd * grad_norm_avg / sqrt(cached |x|^2) from the scalar slots."""
     gen = torch.Generator().manual_seed(seed)
     n = sum(seg)
     x, dp, g = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
@@ -126,9 +131,17 @@ def test_step_fused_matches_float64(seg, dtype, seed, momentum, inv, bad):
     dn = torch.full((n,), math.nan).to(dtype)
     bounds = [0] + [int(b) for b in np.cumsum(seg)]
     X, DP, G = (t.double().numpy().copy() for t in (x, dp, g))
+    scal = torch.zeros(24, dtype=torch.float64)
+    scal[8], scal[18] = 1.5, 2.0 + n  # GNA, XX_CACHE
+    wd = [0.01 * (k % 3) for k in range(len(seg))] if decay else []
+    kappa = 1.5 / math.sqrt(2.0 + n)
+    C = (np.concatenate([np.full(sz, wd[k] * kappa) for k, sz in enumerate(seg)]) if decay and n
+         else np.zeros(n))
     out = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
-    ops().step_fused(x, dp, dn, g, bounds, inv, momentum, 0.3, out)
-    exp_dn = inv * G if momentum == 0 else momentum * DP + (1 - momentum) * inv * G
+    ops().step_fused(x, dp, dn, g, scal, bounds, inv, momentum, 0.3, wd, out)
+    exp_dn = inv * G + C * X
+    if momentum:
+        exp_dn = momentum * DP + (1 - momentum) * exp_dn
     fin = np.isfinite(G)
     exp_x = np.where(fin, X - 0.3 * exp_dn, X)
     tol = TOL[dtype] * 8
@@ -138,29 +151,39 @@ def test_step_fused_matches_float64(seg, dtype, seed, momentum, inv, bad):
     if bad is None:
         for k in range(len(seg)):
             sl = slice(bounds[k], bounds[k + 1])
-            exp = [G[sl] @ DP[sl], G[sl] @ G[sl], 0.0, 0.0, 0.0]
+            exp = [G[sl] @ DP[sl], G[sl] @ G[sl]]
+            exp += [X[sl] @ DP[sl], G[sl] @ X[sl], X[sl] @ X[sl]] if decay else [0.0, 0.0, 0.0]
             np.testing.assert_allclose(out[5 * k:5 * k + 5].numpy(), exp, rtol=TOL[dtype],
                                        atol=TOL[dtype] * (1 + seg[k]))
 
 
 @SETTINGS
-@given(n=st.sampled_from([0, 1, 7, 17, 40000]), dtype=dtypes, seed=st.integers(0, 2**16),
-       mode=st.sampled_from([0, 1, 4, 5]))
-def test_fixup_matches_float64(n, dtype, seed, mode):
+@given(seg=sizes, dtype=dtypes, seed=st.integers(0, 2**16), mode=st.sampled_from([0, 1, 4, 5, 6]),
+       momentum=st.sampled_from([0.0, 0.5]))
+def test_fixup_matches_float64(seg, dtype, seed, mode, momentum):
     """MODE_SHIFT moves x along d_new; MODE_UNDO_RETRACE undoes the move where g is finite,
-    retraces along d_prev and restores d_prev; other modes leave everything alone."""
+    retraces along d_prev and restores d_prev; MODE_REDO redoes the move with the segment's
+    corrected c; other modes leave everything alone."""
     gen = torch.Generator().manual_seed(seed)
+    n = sum(seg)
     x, dp, dn, g = (torch.randn(n, generator=gen).to(dtype) for _ in range(4))
-    if n:
+    if n and mode != 6:
         g[seed % n] = math.nan
+    bounds = [0] + [int(b) for b in np.cumsum(seg)]
     X, DP, DN, G = (t.double().numpy().copy() for t in (x, dp, dn, g))
+    coef = torch.tensor([0.02 * (k % 3) - 0.01 for k in range(len(seg))], dtype=torch.float64)
+    DC = np.concatenate([np.full(sz, coef[k].item()) for k, sz in enumerate(seg)]) if n else X
     scal = torch.zeros(24, dtype=torch.float64)
     scal[10], scal[11], scal[12] = mode, 0.3, -0.2  # MODE, MOVE_S (u), MOVE_T (r)
-    ops().fixup(x, dp, dn, g, scal)
+    ops().fixup(x, dp, dn, g, scal, coef, bounds, momentum)
     if mode == 4:
         exp_x, exp_dn = X + 0.3 * DN, DN
     elif mode == 5:
         exp_x, exp_dn = np.where(np.isfinite(G), X + 0.3 * DN, X) - 0.2 * DP, DP
+    elif mode == 6:
+        xo = X + 0.3 * DN
+        exp_dn = DN + (1 - momentum) * DC * xo
+        exp_x = xo + 0.2 * exp_dn
     else:
         exp_x, exp_dn = X, DN
     tol = TOL[dtype] * 8
@@ -181,9 +204,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="float64"):
         ops().reduce(g, d, x, [0, 37], False, torch.zeros(5))
     with pytest.raises(RuntimeError, match="d_new must be a buffer of its own"):
-        ops().step_fused(x, d, d, g, [0, 37], 1.0, 0.0, 0.1, out)
+        ops().step_fused(x, d, d, g, scal, [0, 37], 1.0, 0.0, 0.1, [], out)
+    with pytest.raises(RuntimeError, match="one entry per segment"):
+        ops().step_fused(x, d, torch.zeros(37), g, scal, [0, 37], 1.0, 0.0, 0.1, [0.1, 0.2], out)
+    coef = torch.zeros(1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="dtype"):
-        ops().fixup(x, d.double(), d, g, scal)
+        ops().fixup(x, d.double(), d, g, scal, coef, [0, 37], 0.0)
 
 
 @pytest.mark.skipif(bool(os.environ.get("ELRA_CPU_ISA")), reason="already inside a capped run")

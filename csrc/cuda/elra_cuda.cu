@@ -322,16 +322,22 @@ cudaError_t reduce_typed(const void* g, const void* d, const void* x, const Segm
 
 // --- step_fused -----------------------------------------------------------------------------------
 // One pass of a normal stochastic step (see [note: the one-pass stochastic step] in elra_math.h):
-// the sums <g, d_prev> and |g|^2 into per-block partials (finished by reduce_finish_kernel),
-// d_new <- b d_prev + (1 - b) inv g, x <- x - s d_new where g is finite.
-template <typename T>
+// the sums <g, d_prev>, |g|^2 (and with weight decay <x, d_prev>, <g, x>, |x|^2) into per-block
+// partials (finished by reduce_finish_kernel), d_new <- b d_prev + (1 - b)(inv g + c x) with
+// c = wd[k] spec_kappa (from the scalar slots), x <- x - s d_new where g is finite.
+struct SegWd {
+  double wd[MAX_SEGMENTS];
+};
+
+template <typename T, bool WITH_X>
 __global__ void __launch_bounds__(THREADS)
     fused_kernel(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
-                 const T* __restrict__ g, Layout L, acc_t<T> inv, acc_t<T> b, acc_t<T> s,
-                 double* __restrict__ partials) {
+                 const T* __restrict__ g, Layout L, SegWd W, const double* __restrict__ scal,
+                 acc_t<T> inv, acc_t<T> b, acc_t<T> s, double* __restrict__ partials) {
   using Acc = acc_t<T>;
   constexpr int N = Pack<T>::N;
   const Range r = block_range(L);
+  const Acc c = WITH_X ? static_cast<Acc>(W.wd[r.k] * spec_kappa(scal)) : Acc(0);
   x += r.base;
   dp += r.base;
   dn += r.base;
@@ -341,14 +347,12 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t head = head_of(x, r.n, packs);
   const int64_t npacks = (r.n - head) / N;
   const int64_t tail = head + npacks * N;
-  Acc gd = 0, gg = 0;
+  ReduceAcc<T, WITH_X> a;
   auto one = [&](int64_t i) {
     const T gt = g[i], dpt = dp[i];
-    const Acc gv = static_cast<Acc>(gt);
-    gd += gv * static_cast<Acc>(dpt);
-    gg += gv * gv;
     T xv = x[i], dnv;
-    fused_element<T, Acc>(xv, dpt, dnv, gt, inv, b, s);
+    a.add(gt, dpt, xv);
+    fused_element<T, Acc>(xv, dpt, dnv, gt, inv, c, b, s);
     x[i] = xv;
     dn[i] = dnv;
   };
@@ -359,74 +363,92 @@ __global__ void __launch_bounds__(THREADS)
     const Pack<T> dpp = load_pack_ro(dp + i), gp = load_pack_ro(g + i);
 #pragma unroll
     for (int l = 0; l < N; ++l) {
-      const Acc gv = static_cast<Acc>(gp.v[l]);
-      gd += gv * static_cast<Acc>(dpp.v[l]);
-      gg += gv * gv;
-      fused_element<T, Acc>(xp.v[l], dpp.v[l], dnp.v[l], gp.v[l], inv, b, s);
+      a.add(gp.v[l], dpp.v[l], xp.v[l]);
+      fused_element<T, Acc>(xp.v[l], dpp.v[l], dnp.v[l], gp.v[l], inv, c, b, s);
     }
     store_pack(x + i, xp);
     store_pack(dn + i, dnp);
   }
   for (int64_t i = tail + r.tid; i < r.n; i += r.stride) one(i);
 
-  double v[RED_WIDTH] = {static_cast<double>(gd), static_cast<double>(gg), 0.0, 0.0, 0.0};
+  double v[RED_WIDTH] = {static_cast<double>(a.gd), static_cast<double>(a.gg),
+                         static_cast<double>(a.xd), static_cast<double>(a.gx),
+                         static_cast<double>(a.xx)};
   block_sum(v);
   if (threadIdx.x == 0)
 #pragma unroll
-    for (int c = 0; c < RED_WIDTH; ++c)
-      partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + c] = v[c];
+    for (int k = 0; k < RED_WIDTH; ++k)
+      partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + k] = v[k];
 }
 
 template <typename T>
 cudaError_t fused_typed(void* x, const void* dp, void* dn, const void* g, const Segments& seg,
-                        double inv, double momentum, double step, double* out, void* workspace,
+                        const double* scal, const double* wd, int nwd, double inv,
+                        double momentum, double step, double* out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream) {
   using Acc = acc_t<T>;
   const Layout L = make_layout(seg, Pack<T>::N);
   const int blocks = L.first_block[L.nseg];
   if (workspace_bytes < static_cast<size_t>(blocks) * RED_WIDTH * sizeof(double))
     return cudaErrorInvalidValue;
+  if (nwd != 0 && nwd != seg.nseg) return cudaErrorInvalidValue;
+  SegWd W{};
+  for (int k = 0; k < nwd; ++k) W.wd[k] = wd[k];
+  const bool with_x = nwd > 0;
   double* partials = static_cast<double*>(workspace);
   if (blocks > 0) {
-    fused_kernel<T><<<blocks, THREADS, 0, stream>>>(
-        static_cast<T*>(x), static_cast<const T*>(dp), static_cast<T*>(dn),
-        static_cast<const T*>(g), L, static_cast<Acc>(inv), static_cast<Acc>(momentum),
-        static_cast<Acc>(step), partials);
+    T* xt = static_cast<T*>(x);
+    const T* dpt = static_cast<const T*>(dp);
+    T* dnt = static_cast<T*>(dn);
+    const T* gt = static_cast<const T*>(g);
+    const Acc ai = static_cast<Acc>(inv), ab = static_cast<Acc>(momentum);
+    const Acc as = static_cast<Acc>(step);
+    if (with_x)
+      fused_kernel<T, true><<<blocks, THREADS, 0, stream>>>(xt, dpt, dnt, gt, L, W, scal, ai,
+                                                            ab, as, partials);
+    else
+      fused_kernel<T, false><<<blocks, THREADS, 0, stream>>>(xt, dpt, dnt, gt, L, W, scal, ai,
+                                                             ab, as, partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  reduce_finish_kernel<<<1, THREADS, 0, stream>>>(partials, L, false, out);
+  reduce_finish_kernel<<<1, THREADS, 0, stream>>>(partials, L, with_x, out);
   return cudaGetLastError();
 }
 
 // --- fixup --------------------------------------------------------------------------------------
-// Rare (a clipped step or a bad gradient after step_fused): element by element, mode from scal.
+// Rare (a clipped step, a bad gradient or a stale kappa after step_fused): element by element,
+// mode and coefficients from the scalar slots, the segment's correction dc from coef.
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     fixup_kernel(T* __restrict__ x, const T* __restrict__ dp, T* __restrict__ dn,
-                 const T* __restrict__ g, int64_t n, const double* __restrict__ scal) {
+                 const T* __restrict__ g, Layout L, const double* __restrict__ scal,
+                 const double* __restrict__ coef, acc_t<T> b) {
   using Acc = acc_t<T>;
   const int mode = static_cast<int>(scal[MODE]);
-  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE) return;
-  const Acc u = static_cast<Acc>(scal[MOVE_S]), r = static_cast<Acc>(scal[MOVE_T]);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * THREADS;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x; i < n; i += stride) {
+  if (mode != MODE_SHIFT && mode != MODE_UNDO_RETRACE && mode != MODE_REDO) return;
+  const Range r = block_range(L);
+  const Acc u = static_cast<Acc>(scal[MOVE_S]), rr = static_cast<Acc>(scal[MOVE_T]);
+  const Acc dc = static_cast<Acc>(coef[r.k]);
+  for (int64_t j = r.tid; j < r.n; j += r.stride) {
+    const int64_t i = r.base + j;
     T xv = x[i], dnv = dn[i];
-    fixup_element<T, Acc>(mode, xv, dp[i], dnv, g[i], u, r);
+    fixup_element<T, Acc>(mode, xv, dp[i], dnv, g[i], u, rr, dc, b);
     x[i] = xv;
     dn[i] = dnv;
   }
 }
 
 template <typename T>
-cudaError_t fixup_typed(void* x, const void* dp, void* dn, const void* g, int64_t n,
-                        const double* scal, cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  const int64_t want = (n + THREADS - 1) / THREADS;
-  const int blocks = static_cast<int>(want < 4096 ? want : 4096);
+cudaError_t fixup_typed(void* x, const void* dp, void* dn, const void* g, const Segments& seg,
+                        const double* scal, const double* coef, double momentum,
+                        cudaStream_t stream) {
+  const Layout L = make_layout(seg, 1);
+  const int blocks = L.first_block[L.nseg];
+  if (blocks == 0) return cudaSuccess;
   fixup_kernel<T><<<blocks, THREADS, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(dp),
                                                   static_cast<T*>(dn), static_cast<const T*>(g),
-                                                  n, scal);
+                                                  L, scal, coef, static_cast<acc_t<T>>(momentum));
   return cudaGetLastError();
 }
 
@@ -622,35 +644,39 @@ cudaError_t launch_reduce(DType dtype, const void* g, const void* d, const void*
 }
 
 cudaError_t launch_step_fused(DType dtype, void* x, const void* dp, void* dn, const void* g,
-                              const Segments& seg, double inv, double momentum, double step,
-                              double* out, void* workspace, size_t workspace_bytes,
-                              cudaStream_t stream) {
+                              const Segments& seg, const double* scal, const double* wd, int nwd,
+                              double inv, double momentum, double step, double* out,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid(seg)) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::Float32:
-      return fused_typed<float>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
-                                workspace_bytes, stream);
+      return fused_typed<float>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
+                                workspace, workspace_bytes, stream);
     case DType::Float64:
-      return fused_typed<double>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
-                                 workspace_bytes, stream);
+      return fused_typed<double>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
+                                 workspace, workspace_bytes, stream);
     case DType::Float16:
-      return fused_typed<half_t>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
-                                 workspace_bytes, stream);
+      return fused_typed<half_t>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
+                                 workspace, workspace_bytes, stream);
     case DType::BFloat16:
-      return fused_typed<bf16_t>(x, dp, dn, g, seg, inv, momentum, step, out, workspace,
-                                 workspace_bytes, stream);
+      return fused_typed<bf16_t>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
+                                 workspace, workspace_bytes, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_fixup(DType dtype, void* x, const void* dp, void* dn, const void* g, int64_t n,
-                         const double* scal, cudaStream_t stream) {
-  if (n < 0) return cudaErrorInvalidValue;
+cudaError_t launch_fixup(DType dtype, void* x, const void* dp, void* dn, const void* g,
+                         const Segments& seg, const double* scal, const double* coef,
+                         double momentum, cudaStream_t stream) {
+  if (!valid(seg)) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::Float32: return fixup_typed<float>(x, dp, dn, g, n, scal, stream);
-    case DType::Float64: return fixup_typed<double>(x, dp, dn, g, n, scal, stream);
-    case DType::Float16: return fixup_typed<half_t>(x, dp, dn, g, n, scal, stream);
-    case DType::BFloat16: return fixup_typed<bf16_t>(x, dp, dn, g, n, scal, stream);
+    case DType::Float32: return fixup_typed<float>(x, dp, dn, g, seg, scal, coef, momentum, stream);
+    case DType::Float64:
+      return fixup_typed<double>(x, dp, dn, g, seg, scal, coef, momentum, stream);
+    case DType::Float16:
+      return fixup_typed<half_t>(x, dp, dn, g, seg, scal, coef, momentum, stream);
+    case DType::BFloat16:
+      return fixup_typed<bf16_t>(x, dp, dn, g, seg, scal, coef, momentum, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -50,19 +50,23 @@ cudaError_t launch_reduce(DType dtype, const void* g, const void* d, const void*
                           size_t workspace_bytes, cudaStream_t stream);
 
 // One pass of a normal stochastic step (elra_math.h, [note: the one-pass stochastic step]):
-// out[5k], out[5k+1] = <g, d_prev>, |g|^2 over segment k (the other three entries 0),
-// d_new <- momentum d_prev + (1 - momentum) inv g, x <- x - step d_new where g is finite.
-// The workspace is that of launch_reduce (reduce_workspace_bytes). d_new must not overlap the
-// other buffers.
+// out[5k .. 5k+4] = <g, d_prev>, |g|^2 (and with weight decay <x, d_prev>, <g, x>, |x|^2, else 0)
+// over segment k, d_new <- momentum d_prev + (1 - momentum)(inv g + c_k x) with
+// c_k = wd[k] spec_kappa(scal) (nwd = 0: no decay; else nwd = nseg, wd on the host),
+// x <- x - step d_new where g is finite. The workspace is that of launch_reduce
+// (reduce_workspace_bytes). d_new must not overlap the other buffers.
 cudaError_t launch_step_fused(DType dtype, void* x, const void* d_prev, void* d_new,
-                              const void* g, const Segments& seg, double inv, double momentum,
+                              const void* g, const Segments& seg, const double* scal,
+                              const double* wd, int nwd, double inv, double momentum,
                               double step, double* out, void* workspace, size_t workspace_bytes,
                               cudaStream_t stream);
 
-// elra::fixup_element over n elements, with the mode and coefficients read from scal (device);
-// does nothing unless scal[MODE] is MODE_SHIFT or MODE_UNDO_RETRACE.
+// elra::fixup_element over every element of every segment, with the mode and coefficients
+// read from scal and the correction of segment k from coef[k] (device); does nothing unless
+// scal[MODE] is MODE_SHIFT, MODE_UNDO_RETRACE or MODE_REDO.
 cudaError_t launch_fixup(DType dtype, void* x, const void* d_prev, void* d_new, const void* g,
-                         int64_t n, const double* scal, cudaStream_t stream);
+                         const Segments& seg, const double* scal, const double* coef,
+                         double momentum, cudaStream_t stream);
 
 // Bytes of the workspace that launch_collect needs for n elements.
 size_t collect_workspace_bytes(DType dtype, int64_t n);

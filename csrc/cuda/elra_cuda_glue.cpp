@@ -115,9 +115,9 @@ void update_cuda(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
 }
 
 void step_fused_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
-                     at::IntArrayRef bounds, double inv, double momentum, double step,
-                     at::Tensor& out) {
-  check_step_fused(x, dp, dn, g, bounds, out);
+                     const at::Tensor& scal, at::IntArrayRef bounds, double inv, double momentum,
+                     double step, at::ArrayRef<double> wd, at::Tensor& out) {
+  check_step_fused(x, dp, dn, g, scal, bounds, wd.size(), out);
   check_cuda(x);
   const at::Device dev = x.device();
   const DType dt = dtype_of(x);
@@ -126,19 +126,22 @@ void step_fused_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const 
   const size_t bytes = reduce_workspace_bytes(dt, seg);
   at::Tensor work = workspace(bytes, out);
   C10_CUDA_CHECK(launch_step_fused(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
-                                   seg, inv, momentum, step, out.data_ptr<double>(),
-                                   work.data_ptr(), bytes, stream()));
+                                   seg, scal.data_ptr<double>(), wd.data(),
+                                   static_cast<int>(wd.size()), inv, momentum, step,
+                                   out.data_ptr<double>(), work.data_ptr(), bytes, stream()));
 }
 
 void fixup_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::Tensor& g,
-                const at::Tensor& scal) {
-  check_fixup(x, dp, dn, g, scal);
+                const at::Tensor& scal, const at::Tensor& coef, at::IntArrayRef bounds,
+                double momentum) {
+  check_fixup(x, dp, dn, g, scal, coef, bounds);
   check_cuda(x);
   const at::Device dev = x.device();
   const DType dt = dtype_of(x);
   const c10::cuda::CUDAGuard guard(dev);
   C10_CUDA_CHECK(launch_fixup(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
-                              x.numel(), scal.data_ptr<double>(), stream()));
+                              segments_of(bounds), scal.data_ptr<double>(),
+                              coef.data_ptr<double>(), momentum, stream()));
 }
 
 }  // namespace
