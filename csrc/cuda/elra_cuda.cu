@@ -617,6 +617,23 @@ cudaError_t update_typed(void* x, void* d, const void* g, void* xg, const double
   return cudaGetLastError();
 }
 
+// Calls f with a tag of the element type of dtype: f(Tag<float>{}), ...
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(Tag<float>{});
+    case DType::Float64: return f(Tag<double>{});
+    case DType::Float16: return f(Tag<half_t>{});
+    case DType::BFloat16: return f(Tag<bf16_t>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 // --- the launchers (elra_cuda.h) ----------------------------------------------------------------
@@ -630,17 +647,10 @@ cudaError_t launch_reduce(DType dtype, const void* g, const void* d, const void*
                           const Segments& seg, bool with_x, double* out, void* workspace,
                           size_t workspace_bytes, cudaStream_t stream) {
   if (!valid(seg)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::Float32:
-      return reduce_typed<float>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
-    case DType::Float64:
-      return reduce_typed<double>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
-    case DType::Float16:
-      return reduce_typed<half_t>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
-    case DType::BFloat16:
-      return reduce_typed<bf16_t>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return reduce_typed<T>(g, d, x, seg, with_x, out, workspace, workspace_bytes, stream);
+  });
 }
 
 cudaError_t launch_step_fused(DType dtype, void* x, const void* dp, void* dn, const void* g,
@@ -648,37 +658,21 @@ cudaError_t launch_step_fused(DType dtype, void* x, const void* dp, void* dn, co
                               double inv, double momentum, double step, double* out,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid(seg)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::Float32:
-      return fused_typed<float>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
-                                workspace, workspace_bytes, stream);
-    case DType::Float64:
-      return fused_typed<double>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
-                                 workspace, workspace_bytes, stream);
-    case DType::Float16:
-      return fused_typed<half_t>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
-                                 workspace, workspace_bytes, stream);
-    case DType::BFloat16:
-      return fused_typed<bf16_t>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out,
-                                 workspace, workspace_bytes, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return fused_typed<T>(x, dp, dn, g, seg, scal, wd, nwd, inv, momentum, step, out, workspace,
+                          workspace_bytes, stream);
+  });
 }
 
 cudaError_t launch_fixup(DType dtype, void* x, const void* dp, void* dn, const void* g,
                          const Segments& seg, const double* scal, const double* coef,
                          double momentum, cudaStream_t stream) {
   if (!valid(seg)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::Float32: return fixup_typed<float>(x, dp, dn, g, seg, scal, coef, momentum, stream);
-    case DType::Float64:
-      return fixup_typed<double>(x, dp, dn, g, seg, scal, coef, momentum, stream);
-    case DType::Float16:
-      return fixup_typed<half_t>(x, dp, dn, g, seg, scal, coef, momentum, stream);
-    case DType::BFloat16:
-      return fixup_typed<bf16_t>(x, dp, dn, g, seg, scal, coef, momentum, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return fixup_typed<T>(x, dp, dn, g, seg, scal, coef, momentum, stream);
+  });
 }
 
 size_t collect_workspace_bytes(DType dtype, int64_t n) {
@@ -689,21 +683,11 @@ cudaError_t launch_collect(DType dtype, void* coll, const void* g, int64_t n, do
                            double inv, bool first, bool is_half, double* scal, void* workspace,
                            size_t workspace_bytes, cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::Float32:
-      return collect_typed<float>(coll, g, n, weight, inv, first, is_half, scal, workspace,
-                                  workspace_bytes, stream);
-    case DType::Float64:
-      return collect_typed<double>(coll, g, n, weight, inv, first, is_half, scal, workspace,
-                                   workspace_bytes, stream);
-    case DType::Float16:
-      return collect_typed<half_t>(coll, g, n, weight, inv, first, is_half, scal, workspace,
-                                   workspace_bytes, stream);
-    case DType::BFloat16:
-      return collect_typed<bf16_t>(coll, g, n, weight, inv, first, is_half, scal, workspace,
-                                   workspace_bytes, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return collect_typed<T>(coll, g, n, weight, inv, first, is_half, scal, workspace,
+                            workspace_bytes, stream);
+  });
 }
 
 cudaError_t launch_finalize(const double* red, double* scal, double* coef,
@@ -717,17 +701,10 @@ cudaError_t launch_update(DType dtype, void* x, void* d, const void* g, void* xg
                           const double* scal, const double* coef, const Segments& seg,
                           double momentum, cudaStream_t stream) {
   if (!valid(seg)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::Float32:
-      return update_typed<float>(x, d, g, xg, scal, coef, seg, momentum, stream);
-    case DType::Float64:
-      return update_typed<double>(x, d, g, xg, scal, coef, seg, momentum, stream);
-    case DType::Float16:
-      return update_typed<half_t>(x, d, g, xg, scal, coef, seg, momentum, stream);
-    case DType::BFloat16:
-      return update_typed<bf16_t>(x, d, g, xg, scal, coef, seg, momentum, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return update_typed<T>(x, d, g, xg, scal, coef, seg, momentum, stream);
+  });
 }
 
 }  // namespace cuda
