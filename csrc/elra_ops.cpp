@@ -1,23 +1,25 @@
 // elra_ops.cpp: the elra:: operator schemas, the CPU kernels, and the Python module elra._C.
 //
 // [note: passes over memory]
-// A normal step reads and writes each buffer as few times as the algorithm allows:
+// A normal stochastic step is one pass (step_fused; [note: the one-pass stochastic step] in
+// elra_math.h): it reads x, g and the previous direction and writes x and the new direction
+// into the engine's second direction buffer (5 streams). The other steps take two passes:
 //   reduce: reads g and d (and x when weight decay is on)          -> per-segment sums
 //   finalize: scalars only (the step-size update of elra_math.h)
 //   update: reads x and g (and d with momentum), writes x and d (and the retrace copy xg)
-// The previous direction is written in the same pass that moves x, and the retrace point is
-// recovered algebraically in the stochastic regime (see the note in elra/engine.py).
+// The retrace point is recovered algebraically in the stochastic regime (see the note in
+// elra/engine.py).
 //
-// [note: why the direction is written rather than swapped in]
-// Keeping the previous direction by swapping the gradient and direction buffers, instead of
-// writing d, would save one write stream per step: at 32M float32 parameters on 2 cores the
-// update pass takes about 10.4 ms with the d write against 8.8 ms for x -= s g alone, which would
-// take the step from 0.93-0.99x to about 0.85x of fused Adam. It is not done, because p.grad
-// would then alias the direction after every step, and in-place zeroing of gradients
-// (model.zero_grad(set_to_none=False), p.grad.zero_(), frameworks that do either) would silently
-// destroy the direction with no way to recover it. The reduction pass reads g and d in about 1.07x
-// the time of torch.dot(g, d), which forms one sum to our two; four accumulators per sum and
-// software prefetch did not change that (measured and dropped).
+// [note: why the gradient buffer does not become the direction]
+// Taking the gradient buffer itself as the next direction (swapping it with the direction
+// buffer) would save the write of the new direction, one more stream (4 instead of 5). It is not
+// done, because p.grad would then alias the direction after every step, and in-place zeroing of
+// gradients (model.zero_grad(set_to_none=False), p.grad.zero_(), frameworks that do either)
+// would silently destroy the direction with no way to recover it. The two direction buffers of
+// the one-pass step belong to the engine alone. (Measured while deciding, at 32M float32
+// parameters on 2 cores: the two-pass step ran at 0.93-0.99x fused Adam, its reduction pass at
+// about 1.07x the time of torch.dot(g, d); more accumulators and software prefetch did not
+// change that, and the one pass brought the step to about 0.72x.)
 //
 // [note: deterministic reductions]
 // Sums are formed per fixed-size chunk (independent of the thread count) in the opmath type and
