@@ -263,6 +263,11 @@ def test_failure_on_the_very_first_call_leaves_parameters():
     assert torch.equal(p, before) and opt.last_outcome == "retrace_gradient"
     opt.step_retrace(math.nan)
     assert torch.equal(p, before) and not opt._control.started
+    p.grad = torch.ones_like(p)
+    opt.step(math.inf)  # an infinite loss on the first call (the reference raises here)
+    assert torch.equal(p, before) and opt.last_outcome == "retrace_loss"
+    opt.step(1.0)  # and the next call starts for real
+    assert opt.last_outcome == "first" and not torch.equal(p, before)
 
 
 @pytest.mark.parametrize("engine", ["torch", "native"])
