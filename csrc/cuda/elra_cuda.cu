@@ -238,6 +238,17 @@ struct ReduceAcc {
       xx += xv * xv;
     }
   }
+  // The block's sums (in double, fixed order) into its row of partials; all threads call it.
+  __device__ __forceinline__ void store_block_sums(double* __restrict__ partials) const {
+    double v[RED_WIDTH] = {static_cast<double>(gd), static_cast<double>(gg),
+                           static_cast<double>(xd), static_cast<double>(gx),
+                           static_cast<double>(xx)};
+    block_sum(v);
+    if (threadIdx.x == 0)
+#pragma unroll
+      for (int c = 0; c < RED_WIDTH; ++c)
+        partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + c] = v[c];
+  }
 };
 
 template <typename T, bool WITH_X>
@@ -267,14 +278,7 @@ __global__ void __launch_bounds__(THREADS)
   }
   for (int64_t i = tail + r.tid; i < r.n; i += r.stride) a.add(g[i], d[i], WITH_X ? x[i] : T());
 
-  double v[RED_WIDTH] = {static_cast<double>(a.gd), static_cast<double>(a.gg),
-                         static_cast<double>(a.xd), static_cast<double>(a.gx),
-                         static_cast<double>(a.xx)};
-  block_sum(v);
-  if (threadIdx.x == 0)
-#pragma unroll
-    for (int c = 0; c < RED_WIDTH; ++c)
-      partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + c] = v[c];
+  a.store_block_sums(partials);
 }
 
 // One block: out[5k + c] = sum of the partials of segment k, in a fixed order.
@@ -371,14 +375,7 @@ __global__ void __launch_bounds__(THREADS)
   }
   for (int64_t i = tail + r.tid; i < r.n; i += r.stride) one(i);
 
-  double v[RED_WIDTH] = {static_cast<double>(a.gd), static_cast<double>(a.gg),
-                         static_cast<double>(a.xd), static_cast<double>(a.gx),
-                         static_cast<double>(a.xx)};
-  block_sum(v);
-  if (threadIdx.x == 0)
-#pragma unroll
-    for (int k = 0; k < RED_WIDTH; ++k)
-      partials[static_cast<int64_t>(blockIdx.x) * RED_WIDTH + k] = v[k];
+  a.store_block_sums(partials);
 }
 
 template <typename T>
