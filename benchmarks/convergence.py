@@ -374,11 +374,22 @@ def _style(fam: str, best: bool) -> dict:
     return st
 
 
-def _curve(recs: list[dict], key: str, x: str):
-    """Mean (and min/max) over seeds of ``key`` at the evaluations all seeds share."""
+def _curve(recs: list[dict], key: str, x: str, running_min: bool = False, floor: float = 0.0):
+    """Mean (and min/max) over seeds of ``key`` at the evaluations all seeds share; with
+    ``running_min`` of the lowest value seen so far."""
     n = min(len(r["evals"]) for r in recs)
     xs = [statistics.fmean(r["evals"][i][x] for r in recs) for i in range(n)]
-    cols = [[r["evals"][i][key] for r in recs] for i in range(n)]
+    series = []
+    for r in recs:
+        vals = [max(e[key], floor) if e[key] is not None else math.nan for e in r["evals"][:n]]
+        if running_min:
+            best, out = math.inf, []
+            for v in vals:
+                best = min(best, v) if math.isfinite(v) else best
+                out.append(best if math.isfinite(best) else v)
+            vals = out
+        series.append(vals)
+    cols = [list(c) for c in zip(*series)]
     ok = [all(v is not None and math.isfinite(v) for v in c) for c in cols]
     xs = [v for v, k in zip(xs, ok) if k]
     cols = [c for c, k in zip(cols, ok) if k]
@@ -388,20 +399,25 @@ def _curve(recs: list[dict], key: str, x: str):
 def _panel(ax, problem: Problem, runs: list[dict], x: str, seeds: Optional[list[int]] = None,
            title: str = "", legend: bool = True) -> None:
     best = set(best_of_sweeps(problem, runs).values())
+    highest = 0.0
     for name, recs in sorted(group(runs).items(), key=lambda kv: FAMILY_ORDER.index(kv[1][0]["family"])):
         if seeds is not None:
             recs = [r for r in recs if r["seed"] in seeds]
         fam = recs[0]["family"]
-        xs, mean, lo, hi = _curve(recs, problem.curve, x)
+        xs, mean, lo, hi = _curve(recs, problem.curve, x, problem.regime == "deterministic",
+                                  problem.plot_floor)
         if x == "step" and problem.regime == "deterministic":
             xs = [v + 1 for v in xs]  # log axis: step 0 drawn at 1
         st = _style(fam, name in best)
         label = name + (" (diverged)" if any(r["status"] == "diverged" for r in recs) else "")
         ax.plot(xs, mean, label=label, **st)
+        highest = max([highest, *hi])
         if len(recs) > 1 and (fam not in ("Adam", "SGD") or name in best):
             ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.12, lw=0)
     if problem.log_y:
         ax.set_yscale("log")
+        # a diverging run leaves the plot instead of squashing the others
+        ax.set_ylim(top=min(highest, 30 * max(r["evals"][0][problem.curve] for r in runs)) * 1.5)
     if problem.target and problem.target[0] == problem.curve:
         ax.axhline(problem.target[1], color="gray", ls=":", lw=1)
     if problem.regime == "deterministic" and x == "step":
@@ -428,7 +444,8 @@ def plot_problem(problem: Problem, runs: list[dict], path: str) -> None:
 
     seeds = sorted({r["seed"] for r in runs})
     if problem.per_seed_table:  # one column per start: the starts behave very differently
-        fig, axes = plt.subplots(2, len(seeds), figsize=(5 * len(seeds), 8.5), squeeze=False)
+        fig, axes = plt.subplots(2, len(seeds), figsize=(max(5 * len(seeds), 9), 8.5),
+                                 squeeze=False)
         for j, s in enumerate(seeds):
             for i, x in enumerate(("step", "time")):
                 _panel(axes[i][j], problem, runs, x, [s], f"from {problem.seed_label(s)}",
@@ -439,7 +456,8 @@ def plot_problem(problem: Problem, runs: list[dict], path: str) -> None:
         _panel(axes[0][0], problem, runs, "step", None, f"against steps (mean of {len(seeds)} "
                f"seed{'s' if len(seeds) > 1 else ''}{band})")
         _panel(axes[0][1], problem, runs, "time", None, "against training wall time", legend=False)
-    fig.suptitle(problem.title + "  (dotted: Adam/SGD learning rates that lost the sweep)")
+    fig.suptitle(problem.title + "\n(dotted: the Adam/SGD learning rates that lost the sweep)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -488,6 +506,34 @@ def machine() -> str:
             f"{torch.__version__}; " + ", ".join(vers))
 
 
+def write_report(runs: list[dict], notes: dict[str, list[str]], out: str, header: dict) -> str:
+    """Tables, figures and JSON of ``runs`` into ``out``; returns the markdown report."""
+    results = {p: [r for r in runs if r["problem"] == p] for p in PROBLEMS}
+    results = {p: rs for p, rs in results.items() if rs}
+    os.makedirs(out, exist_ok=True)
+    sections = []
+    for pname, rs in results.items():
+        problem = PROBLEMS[pname]
+        plot_problem(problem, rs, os.path.join(out, f"{pname}.png"))
+        budget = rs[0]["budget"]
+        sections.append(f"## {problem.title}, {budget} steps\n\n"
+                        f"{problem_table(problem, rs, notes.get(pname, []))}\n\n"
+                        f"![{pname}]({pname}.png)\n")
+    plot_headline(results, os.path.join(out, "convergence.png"))
+    total = f", total {header['total'] / 60:.1f} min" if header.get("total") else ""
+    setting = f" ({header['setting']})" if header.get("setting") else ""
+    report = (f"# Convergence benchmark{' (--quick)' if header.get('quick') else ''}\n\n"
+              f"`{header['command']}`, {header['date']}{total}{setting}.\n\n"
+              f"Machine: {header['machine']}.\n\n"
+              f"## Headline\n\n{headline_table(results)}\n\n![headline](convergence.png)\n\n"
+              + "\n".join(sections))
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(report)
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump({**header, "notes": notes, "runs": runs}, fh)
+    return report
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -502,10 +548,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--reference-python", default=None,
                         help="a Python whose environment has the reference package elra 0.0.5")
+    parser.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                        help="no runs: write the tables and figures of a results.json again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        header = {k: v for k, v in saved.items() if k not in ("runs", "notes")}
+        report = write_report(saved["runs"], saved.get("notes", {}),
+                              args.out or os.path.dirname(args.from_json), header)
+        print(report)
+        return
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     out = args.out or os.path.join("benchmarks", "out", "quick" if args.quick else "full")
@@ -539,32 +595,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                             unit="run"):
                 runs.append(fut.result())
     total = time.perf_counter() - start
-    results = {p: [r for r in runs if r["problem"] == p] for p in args.problems}
-    results = {p: rs for p, rs in results.items() if rs}
-
-    os.makedirs(out, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/convergence.py",
-                                                            *(argv if argv is not None else sys.argv[1:])])
-    sections = []
-    for pname, rs in results.items():
-        problem = PROBLEMS[pname]
-        fig = f"{pname}.png"
-        plot_problem(problem, rs, os.path.join(out, fig))
-        sections.append(f"## {problem.title}\n\n{problem_table(problem, rs, notes[pname])}\n\n"
-                        f"![{pname}]({fig})\n")
-    plot_headline(results, os.path.join(out, "convergence.png"))
-    report = (f"# Convergence benchmark{' (--quick)' if args.quick else ''}\n\n"
-              f"`{command}`, {datetime.date.today().isoformat()}, total {total / 60:.1f} min "
-              f"({args.jobs} parallel run{'s' if args.jobs > 1 else ''}, {threads} "
-              f"thread{'s' if threads > 1 else ''} each).\n\nMachine: {machine()}.\n\n"
-              f"## Headline\n\n{headline_table(results)}\n\n![headline](convergence.png)\n\n"
-              + "\n".join(sections))
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(report)
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"command": command, "date": datetime.date.today().isoformat(),
-                   "machine": machine(), "runs": runs}, fh)
-    print(report)
+    argv_used = argv if argv is not None else sys.argv[1:]
+    header = {"command": "python " + shlex.join(["benchmarks/convergence.py", *argv_used]),
+              "date": datetime.date.today().isoformat(), "machine": machine(),
+              "quick": args.quick, "total": total,
+              "setting": f"{args.jobs} run{'s' if args.jobs > 1 else ''} in parallel, {threads} "
+                         f"torch thread{'s' if threads > 1 else ''} each"}
+    print(write_report(runs, notes, out, header))
     print(f"wrote {out}/results.md, results.json, convergence.png and one PNG per problem "
           f"({total:.0f} s)")
 
