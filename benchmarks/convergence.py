@@ -201,7 +201,14 @@ def run_reference(python: str, problem_name: str, spec: OptSpec, seed: int, quic
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
         if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"reference run {problem_name}/{seed} failed:\n{proc.stderr[-2000:]}")
+            # the reference stops with an exception on some problems (a gradient that vanishes
+            # exactly): a result of its own, reported in the table
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            problem = PROBLEMS[problem_name]
+            return {"problem": problem_name, "optimizer": spec.name, "family": spec.family,
+                    "lr": spec.lr, "seed": seed, "status": f"crashed: {last[:200]}", "steps": 0,
+                    "budget": 0, "time": 0.0, "retraces": None,
+                    "metrics": {m.key: None for m in problem.metrics}, "evals": [], "info": {}}
         with open(out) as fh:
             return json.load(fh)
 
@@ -282,6 +289,18 @@ def best_of_sweeps(problem: Problem, runs: list[dict]) -> dict[str, str]:
     return {fam: name for fam, (_, name) in best.items()}
 
 
+def _crashed(rec: dict) -> bool:
+    return rec["status"].startswith("crashed")
+
+
+def _cells(metric, recs: list[dict], budget: int) -> str:
+    """One table cell of ``metric`` over the runs ``recs`` (a crashed run says so)."""
+    if any(_crashed(r) for r in recs):
+        return " / ".join("crashed" if _crashed(r) else _fmt(metric, [_value(r, metric.key)], budget)
+                          for r in recs)
+    return _fmt(metric, [_value(r, metric.key) for r in recs], budget)
+
+
 def _fmt(metric, values: list[float], budget: int) -> str:
     def one(v: float) -> str:
         if math.isnan(v):
@@ -300,7 +319,7 @@ def problem_table(problem: Problem, runs: list[dict], notes: list[str]) -> str:
     groups = group(runs)
     best = set(best_of_sweeps(problem, runs).values())
     seeds = sorted({r["seed"] for r in runs})
-    budget = runs[0]["budget"]
+    budget = max(r["budget"] for r in runs)
     if problem.per_seed_table:
         m0 = problem.metrics[0]
         head = [f"{m0.label} from {problem.seed_label(s)}" for s in seeds] + \
@@ -315,14 +334,12 @@ def problem_table(problem: Problem, runs: list[dict], notes: list[str]) -> str:
         cells = []
         metrics = problem.metrics
         if problem.per_seed_table:
-            cells += [_fmt(metrics[0], [_value(r, metrics[0].key)], budget) for r in recs]
-            metrics = metrics[1:]
+            cells += [_cells(metrics[0], [r], budget) for r in recs]
             # the other metrics per start too, joined
-            cells += [" / ".join(_fmt(m, [_value(r, m.key)], budget) for r in recs)
-                      for m in metrics]
+            cells += [" / ".join(_cells(m, [r], budget) for r in recs) for m in metrics[1:]]
         else:
-            cells += [_fmt(m, [_value(r, m.key) for r in recs], budget) for m in metrics]
-        retr = "-" if recs[0]["retraces"] is None else \
+            cells += [_cells(m, recs, budget) for m in metrics]
+        retr = "-" if any(r["retraces"] is None for r in recs) else \
             f"{statistics.fmean(r['retraces'] for r in recs):.0f}"
         t = statistics.fmean(r["time"] for r in recs)
         label = f"**{name}**" if name in best and recs[0]["family"] in ("Adam", "SGD") else name
@@ -346,12 +363,11 @@ def headline_table(results: dict[str, list[dict]]) -> str:
         cols.append(f"{pname}: {m.label}")
         for fam, name in best_of_sweeps(problem, runs).items():
             recs = group(runs)[name]
-            vals = [_value(r, m.key) for r in recs]
-            budget = recs[0]["budget"]
+            budget = max(r["budget"] for r in runs)
             if problem.per_seed_table:
-                txt = " / ".join(_fmt(m, [v], budget) for v in vals)
+                txt = " / ".join(_cells(m, [r], budget) for r in recs)
             else:
-                txt = _fmt(m, vals, budget)
+                txt = _cells(m, recs, budget)
             if fam in ("Adam", "SGD"):
                 txt += f" (lr {recs[0]['lr']:g})"
             cells[(fam, pname)] = txt
@@ -401,8 +417,9 @@ def _panel(ax, problem: Problem, runs: list[dict], x: str, seeds: Optional[list[
     best = set(best_of_sweeps(problem, runs).values())
     highest = 0.0
     for name, recs in sorted(group(runs).items(), key=lambda kv: FAMILY_ORDER.index(kv[1][0]["family"])):
-        if seeds is not None:
-            recs = [r for r in recs if r["seed"] in seeds]
+        recs = [r for r in recs if (seeds is None or r["seed"] in seeds) and not _crashed(r)]
+        if not recs:
+            continue
         fam = recs[0]["family"]
         xs, mean, lo, hi = _curve(recs, problem.curve, x, problem.regime == "deterministic",
                                   problem.plot_floor)
@@ -417,7 +434,8 @@ def _panel(ax, problem: Problem, runs: list[dict], x: str, seeds: Optional[list[
     if problem.log_y:
         ax.set_yscale("log")
         # a diverging run leaves the plot instead of squashing the others
-        ax.set_ylim(top=min(highest, 30 * max(r["evals"][0][problem.curve] for r in runs)) * 1.5)
+        ax.set_ylim(top=min(highest, 30 * max(r["evals"][0][problem.curve] for r in runs
+                                              if r["evals"])) * 1.5)
     if problem.target and problem.target[0] == problem.curve:
         ax.axhline(problem.target[1], color="gray", ls=":", lw=1)
     if problem.regime == "deterministic" and x == "step":
@@ -515,7 +533,7 @@ def write_report(runs: list[dict], notes: dict[str, list[str]], out: str, header
     for pname, rs in results.items():
         problem = PROBLEMS[pname]
         plot_problem(problem, rs, os.path.join(out, f"{pname}.png"))
-        budget = rs[0]["budget"]
+        budget = max(r["budget"] for r in rs)
         sections.append(f"## {problem.title}, {budget} steps\n\n"
                         f"{problem_table(problem, rs, notes.get(pname, []))}\n\n"
                         f"![{pname}]({pname}.png)\n")
@@ -550,6 +568,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="a Python whose environment has the reference package elra 0.0.5")
     parser.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
                         help="no runs: write the tables and figures of a results.json again")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs an interrupted call saved in OUT/runs.partial.jsonl")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -580,10 +600,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     jobs.sort(key=lambda j: list(PROBLEMS).index(j[0]), reverse=True)
 
     start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    partial = os.path.join(out, "runs.partial.jsonl")  # each finished run, for --resume
     runs: list[dict] = []
+    if args.resume and os.path.exists(partial):
+        with open(partial) as fh:
+            runs = [json.loads(line) for line in fh if line.strip()]
+        done = {(r["problem"], r["optimizer"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if (j[0], j[1].name, j[2]) not in done]
+    elif os.path.exists(partial):
+        os.remove(partial)
+
+    def finished(rec: dict) -> None:
+        runs.append(rec)
+        with open(partial, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
     if args.jobs == 1:
         for job in tqdm(jobs, desc="runs", unit="run"):
-            runs.append(_run_any(job, args.quick, args.reference_python, threads))
+            finished(_run_any(job, args.quick, args.reference_python, threads))
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx,
@@ -593,7 +628,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     for job in jobs]
             for fut in tqdm(concurrent.futures.as_completed(futs), total=len(futs), desc="runs",
                             unit="run"):
-                runs.append(fut.result())
+                finished(fut.result())
     total = time.perf_counter() - start
     argv_used = argv if argv is not None else sys.argv[1:]
     header = {"command": "python " + shlex.join(["benchmarks/convergence.py", *argv_used]),
@@ -602,6 +637,7 @@ def main(argv: Optional[list[str]] = None) -> None:
               "setting": f"{args.jobs} run{'s' if args.jobs > 1 else ''} in parallel, {threads} "
                          f"torch thread{'s' if threads > 1 else ''} each"}
     print(write_report(runs, notes, out, header))
+    os.remove(partial)
     print(f"wrote {out}/results.md, results.json, convergence.png and one PNG per problem "
           f"({total:.0f} s)")
 
