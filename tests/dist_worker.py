@@ -13,6 +13,7 @@ by the test itself with the same functions.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import traceback
@@ -133,13 +134,14 @@ def single_process(engine: str, steps: int = STEPS, **extra):
 
 
 # --- scenarios ---------------------------------------------------------------------------------------
-def scenario_ddp(rank, world, out, engine, group="auto"):
-    """DDP; rank 1 alone forces retraces (step_retrace) and passes a NaN loss."""
+def scenario_ddp(rank, world, out, engine, group="auto", bucket_view=False):
+    """DDP; rank 1 alone forces retraces (step_retrace) and passes a NaN loss.
+    ``bucket_view``: DDP's gradient_as_bucket_view=True (ELRA copies the gradients in)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     X, y = make_data()
     model = make_model()
-    ddp = DDP(model)
+    ddp = DDP(model, gradient_as_bucket_view=bucket_view)
     kw = dict(OPT_KW)
     if group is None:
         kw["process_group"] = None
@@ -163,10 +165,18 @@ def scenario_ddp(rank, world, out, engine, group="auto"):
 
 
 def _zero(model, engine, extra):
+    """ZeRO around ElraOptimizer; with ``group`` in ``extra`` both use that process group (ZeRO
+    keeps its own ``process_group`` argument, so ELRA's comes through functools.partial)."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    return ZeroRedundancyOptimizer(param_groups(model), optimizer_class=ElraOptimizer,
-                                   engine=engine, sharded=True, **{**OPT_KW, **extra})
+    extra = dict(extra)
+    group = extra.pop("group", None)
+    if group is None:
+        return ZeroRedundancyOptimizer(param_groups(model), optimizer_class=ElraOptimizer,
+                                       engine=engine, sharded=True, **{**OPT_KW, **extra})
+    return ZeroRedundancyOptimizer(
+        param_groups(model), optimizer_class=functools.partial(ElraOptimizer, process_group=group),
+        process_group=group, engine=engine, sharded=True, **{**OPT_KW, **extra})
 
 
 def _zero_poison(zero):
@@ -202,7 +212,8 @@ def scenario_zero(rank, world, out, engine, **extra):
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     local = zero.optim
     info = {"sharded": local.sharded, "engine": local.engine_name,
-            "local_numel": sum(b.numel for b in local._buffers)}
+            "local_numel": sum(b.numel for b in local._buffers),
+            "own_group": local.process_group is not torch.distributed.group.WORLD}
 
     state = torch.load(ckpt, weights_only=True)
     model2 = make_model(seed=123)
@@ -279,10 +290,11 @@ COLLECT = dict(collects=2, momentum=0.5)  # gradient collection and momentum on 
 
 SCENARIOS = {
     "ddp_native": lambda r, w, o: scenario_ddp(r, w, o, "native"),
-    "ddp_torch": lambda r, w, o: scenario_ddp(r, w, o, "torch"),
+    "ddp_torch": lambda r, w, o: scenario_ddp(r, w, o, "torch", bucket_view=True),
     "ddp_alone": lambda r, w, o: scenario_ddp(r, w, o, "native", group=None),
     "zero_native": lambda r, w, o: scenario_zero(r, w, o, "native"),
-    "zero_torch": lambda r, w, o: scenario_zero(r, w, o, "torch"),
+    "zero_torch": lambda r, w, o: scenario_zero(  # in a process group of its own
+        r, w, o, "torch", group=torch.distributed.new_group(list(range(w)))),
     "zero_native_collect": lambda r, w, o: scenario_zero(r, w, o, "native", **COLLECT),
     "fsdp_native": lambda r, w, o: scenario_fsdp(r, w, o, "native"),
     "fsdp_torch": lambda r, w, o: scenario_fsdp(r, w, o, "torch"),

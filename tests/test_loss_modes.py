@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from elra import ElraOptimizer
-from conftest import roundtrip
+from conftest import digits_anchor_optimizer, roundtrip, train_digits
 
 
 def mlp_setup(seed=0, **kw):
@@ -47,7 +47,7 @@ def same(a, b):
 def test_set_loss_then_bare_step_is_step_with_the_loss():
     m1, o1 = mlp_setup()
     m2, o2 = mlp_setup()
-    for xb in batches(60):
+    for xb in batches(30):
         for m, o, bare in ((m1, o1, False), (m2, o2, True)):
             o.zero_grad()
             loss = loss_of(m, xb)
@@ -152,6 +152,28 @@ def test_bare_step_without_any_loss_trains_and_says_so_once(caplog):
     assert opt._control.no_loss_steps == opt._control.steps == 120
     last = sum(loss_of(model, xb).item() for xb in xs) / len(xs)
     assert last < 0.8 * first
+
+
+class _BareSteps:
+    """train_digits calls opt.step(loss); this optimizer gets a bare step() instead."""
+
+    def __init__(self, model):
+        self.opt = digits_anchor_optimizer(model)
+        self.zero_grad = self.opt.zero_grad
+
+    def step(self, loss):
+        self.opt.step()
+
+
+def test_digits_without_losses_is_the_anchor_run_when_nothing_retraces(digits, digits_anchor):
+    """On the digits anchor no step is retraced and the batch never grows, so the loss
+    statistics never act: the run without any loss is the run with losses, bit for bit."""
+    X, y = digits
+    _, acc, model, bare = train_digits(X, y, _BareSteps, seed=0)
+    _, hand_acc, hand_model, hand_opt = digits_anchor[0]
+    assert hand_opt._control.retraces_total == 0 and bare.opt._control.no_loss_steps == 880
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), hand_model.parameters()))
+    assert acc == hand_acc >= 0.965
 
 
 def test_no_loss_retraces_only_on_non_finite_gradients():
