@@ -286,6 +286,39 @@ def scenario_fsdp(rank, world, out, engine, **extra):
             "outcomes_resumed": outcomes2}
 
 
+def scenario_zero_mistakes(rank, world, out):
+    """What a wrong set-up gets: ZeRO without sharded=True raises at the first step (on every
+    rank, after one check of the shards), and a ZeRO state without ELRA's scalars raises."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    X, y = make_data()
+    model = make_model()
+    ddp = DDP(model)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    zero = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=ElraOptimizer, **OPT_KW)
+    result = {}
+    try:
+        train(ddp, lambda loss, i: zero.step(loss), global_batches(1), X, y, rank, world)
+    except RuntimeError as e:
+        result["unsharded"] = str(e)
+    zero = _zero(model, "native", {})
+    train(ddp, lambda loss, i: (zero.step(loss), zero.zero_grad()), global_batches(3), X, y,
+          rank, world)
+    zero.consolidate_state_dict(to=0)
+    state = [zero.state_dict() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(state, src=0)
+    stripped = state[0]
+    for g in stripped["param_groups"]:
+        del g["elra"]
+    zero.load_state_dict(stripped)
+    try:
+        zero.optim.state_dict()
+    except RuntimeError as e:
+        result["stripped"] = str(e)
+    return result
+
+
 COLLECT = dict(collects=2, momentum=0.5)  # gradient collection and momentum on shards
 
 SCENARIOS = {
@@ -296,6 +329,7 @@ SCENARIOS = {
     "zero_torch": lambda r, w, o: scenario_zero(  # in a process group of its own
         r, w, o, "torch", group=torch.distributed.new_group(list(range(w)))),
     "zero_native_collect": lambda r, w, o: scenario_zero(r, w, o, "native", **COLLECT),
+    "zero_mistakes": scenario_zero_mistakes,
     "fsdp_native": lambda r, w, o: scenario_fsdp(r, w, o, "native"),
     "fsdp_torch": lambda r, w, o: scenario_fsdp(r, w, o, "torch"),
     "fsdp_torch_collect": lambda r, w, o: scenario_fsdp(r, w, o, "torch", **COLLECT),

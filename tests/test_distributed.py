@@ -28,7 +28,7 @@ WORKER_TIMEOUT = 240  # seconds for all scenarios (about 15 s on an idle 2-core 
 SHARD_TOLERANCE = 1e-5
 SHARDED = ["zero_native", "zero_torch", "zero_native_collect", "fsdp_native", "fsdp_torch",
            "fsdp_torch_collect"]
-DDP = ["ddp_native", "ddp_torch", "ddp_alone"]
+DDP = ["ddp_native", "ddp_torch", "ddp_alone", "zero_mistakes"]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,9 @@ def test_sharded_resume_from_a_distributed_checkpoint_is_exact(runs, name):
     for r in runs[name]:
         assert bitwise_equal(r["params"], r["resumed"])
         assert r["outcomes"][W.RESUME_AT:] == r["outcomes_resumed"]
+
+
+def test_zero_set_up_mistakes_raise_on_every_rank(runs):
+    for r in runs["zero_mistakes"]:
+        assert "pass sharded=True" in r["unsharded"]  # ZeRO without sharded=True
+        assert "without ELRA's scalars" in r["stripped"]  # a state stripped of them
