@@ -265,7 +265,8 @@ class NativeEngine(Engine):
         for c, b in zip(self.collected, self.buffers):
             self._op_collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
             ok = ok and int(self._read(STATUS)) == ST_OK
-            gg += self._read(GRAD_SQ)
+            if self.reducer is not None:
+                gg += self._read(GRAD_SQ)
         if self.reducer is not None:  # the ranks decide from the global |g|^2
             t = torch.tensor([gg], dtype=torch.float64, device=self.device)
             self.reducer(t)

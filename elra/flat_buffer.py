@@ -114,11 +114,6 @@ class FlatBuffer:
             for t, dv in zip(self.locals, self.data_views):
                 t.copy_(dv)
 
-    def local_ptrs(self) -> list[int]:
-        """Where the parameters' (local) data lives, to notice replaced storage."""
-        return [t.data_ptr() for t in self.locals] if self.mirror else \
-            [p.data_ptr() for p in self.params]
-
     def sync_grads(self) -> int:
         """Make every ``p.grad`` a view of the gradient buffer again; return how many had one.
 

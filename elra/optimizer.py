@@ -868,6 +868,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         replaced = self._first_state is not None and \
             self.state.get(self._first_state[0]) is not self._first_state[1]
         if not replaced and (held is self._extra_holder or held is self._adopted_holder):
+            if held is not self._extra_holder:  # ZeRO synced an adopted dict back: ours again,
+                for g in groups:  # so that ZeRO takes ours after this step
+                    g["elra"] = self._extra_holder
             return
         if not isinstance(held, dict) or held is self._extra_holder or not held:
             raise RuntimeError("the optimizer's per-parameter state was replaced without ELRA's "

@@ -221,10 +221,16 @@ def scenario_zero(rank, world, out, engine, **extra):
     ddp2 = DDP(model2)
     zero2 = _zero(model2, engine, extra)
     zero2.load_state_dict(state["optim"])
+    zero2.consolidate_state_dict(to=0)  # right after loading (ELRA takes the load over here)
     outcomes2: list = []
     train(ddp2, event_step(zero2, _zero_poison(zero2), rank == world - 1, outcomes2), batches,
           X, y, rank, world, start=RESUME_AT)
     resumed = {n: p.detach().clone() for n, p in model2.named_parameters()}
+    # a checkpoint of the resumed run holds its current scalars, not the loaded ones
+    zero2.consolidate_state_dict(to=0)
+    again = zero2.state_dict()["param_groups"][0]["elra"]["control"] if rank == 0 else None
+    info["checkpoint_steps"] = (again["steps"] if again else None, zero2.optim._control.steps,
+                                state["optim"]["param_groups"][0]["elra"]["control"]["steps"])
     return {"params": final, "resumed": resumed, "info": info, "outcomes": outcomes,
             "outcomes_resumed": outcomes2}
 

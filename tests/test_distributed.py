@@ -131,6 +131,9 @@ def test_sharded_resume_from_a_distributed_checkpoint_is_exact(runs, name):
     for r in runs[name]:
         assert bitwise_equal(r["params"], r["resumed"])
         assert r["outcomes"][W.RESUME_AT:] == r["outcomes_resumed"]
+    if name.startswith("zero"):  # the resumed run's own checkpoint is current, not the loaded one
+        saved, live, loaded = runs[name][0]["info"]["checkpoint_steps"]
+        assert saved == live > loaded
 
 
 def test_zero_set_up_mistakes_raise_on_every_rank(runs):
