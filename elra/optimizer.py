@@ -127,7 +127,9 @@ class ElraOptimizer(torch.optim.Optimizer):
             ``DistributedDataParallel``, bit-identical steps. ``"auto"`` (default): the world
             group when ``torch.distributed`` is initialised, else none; ``None``: every process
             decides alone; or a ``ProcessGroup``. Every rank must then call ``step`` /
-            ``step_retrace`` together (they are collective). ``TypeError`` for anything else.
+            ``step_retrace`` together (they are collective). ``TypeError`` for another type,
+            ``ValueError`` for another string or a group this process is not in,
+            ``RuntimeError`` for a group while ``torch.distributed`` is not initialised.
         sharded: whether this process holds only a shard of the parameters, so that the dot
             products and norms of a step are summed over the process group. ``None`` (default):
             ``True`` for ``DTensor`` parameters (FSDP2 ``fully_shard``), else ``False``. Pass
