@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dist_worker as W
+from conftest import one_thread
 
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -96,12 +97,8 @@ def reference(name):
     extra = W.COLLECT if name.endswith("collect") else {}
     key = (engine, tuple(sorted(extra.items())))
     if key not in _references:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a tiny network: threads only cost here (as in the workers)
-        try:
+        with one_thread():  # as in the workers
             _references[key] = W.single_process(engine, **extra)
-        finally:
-            torch.set_num_threads(threads)
     return _references[key]
 
 

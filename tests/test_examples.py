@@ -1,6 +1,7 @@
 """The examples (examples/) run as users run them: a fresh interpreter, offline; the seed's
 examples 1-3, and examples 4-8 (DDP, ZeRO, FSDP2 on two gloo processes, Lightning, accelerate)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +14,10 @@ from conftest import require
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run(script, *args):
+def run(script, *args, threads=None):
+    env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                         text=True, timeout=300, cwd=EXAMPLES.parent)
+                         text=True, timeout=300, cwd=EXAMPLES.parent, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -69,7 +71,7 @@ def test_example6_fsdp2():
 
 def test_example7_lightning():  # bf16-mixed: tests/test_frameworks.py
     require("lightning")
-    out = run("example7_lightning.py", "--epochs", "2")
+    out = run("example7_lightning.py", "--epochs", "2", threads=1)  # (a small network)
     logged = re.search(r"(\d+) step lengths logged by LearningRateMonitor", out)
     assert logged and int(logged.group(1)) >= 8, out[-800:]
     assert accuracy(out) > 0.85, out[-800:]
@@ -77,5 +79,5 @@ def test_example7_lightning():  # bf16-mixed: tests/test_frameworks.py
 
 def test_example8_accelerate():
     require("accelerate")
-    out = run("example8_accelerate.py", "--epochs", "2", "--accumulate", "2")
+    out = run("example8_accelerate.py", "--epochs", "2", "--accumulate", "2", threads=1)
     assert "accumulation 2: 44 calls of ELRA's step" in out and accuracy(out) > 0.8, out[-800:]

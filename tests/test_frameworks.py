@@ -12,10 +12,16 @@ import pytest
 import torch
 
 from elra import ElraOptimizer
-from conftest import (DIGITS_SEEDS, digits_anchor_optimizer, digits_split, mlp, require,
-                      train_digits)
+from conftest import (DIGITS_SEEDS, digits_anchor_optimizer, digits_split, mlp, one_thread,
+                      require)
 
 BAR = 0.965  # the hand-written loop's bar (test_convergence.test_digits_stochastic_anchor)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():  # as the hand-written runs of the digits_anchor fixture
+        yield
 
 
 class EpochOrder(torch.utils.data.Sampler):

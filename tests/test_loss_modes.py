@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from elra import ElraOptimizer
-from conftest import digits_anchor_optimizer, roundtrip, train_digits
+from conftest import digits_anchor_optimizer, one_thread, roundtrip, train_digits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():  # small networks; the digits run is compared with digits_anchor's
+        yield
 
 
 def mlp_setup(seed=0, **kw):
