@@ -32,13 +32,10 @@ was not told ``sharded=True``).
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
-
-logger = logging.getLogger("elra")
 
 AUTO = "auto"
 REPLICA_TOLERANCE = 1e-6  # relative difference of |x|^2 across ranks still taken as "the same"

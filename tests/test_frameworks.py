@@ -16,6 +16,8 @@ from conftest import (DIGITS_SEEDS, digits_anchor_optimizer, digits_split, mlp, 
                       require)
 
 BAR = 0.965  # the hand-written loop's bar (test_convergence.test_digits_stochastic_anchor)
+pytestmark = pytest.mark.filterwarnings(  # Lightning's own, about torch.utils._pytree
+    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 
 
 @pytest.fixture(autouse=True)
