@@ -255,7 +255,10 @@ def scenario_fsdp(rank, world, out, engine, **extra):
     """FSDP2 (fully_shard, DTensor parameters, uneven and empty shards), with SHARD_EVENTS on
     the last rank; a torch.distributed.checkpoint save at RESUME_AT, then a resume."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
     X, y = make_data()
     batches = global_batches(STEPS)
@@ -267,8 +270,8 @@ def scenario_fsdp(rank, world, out, engine, **extra):
     def step(loss, i):
         play(loss, i)
         if i + 1 == RESUME_AT:
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+            dcp.save({"model": get_model_state_dict(model),
+                      "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
 
     train(model, step, batches, X, y, rank, world)
     final = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
@@ -280,10 +283,10 @@ def scenario_fsdp(rank, world, out, engine, **extra):
     with torch.no_grad():  # the resumed model starts elsewhere: all must come from the checkpoint
         for p in model2.parameters():
             p.to_local().normal_()
-    msd, osd = get_state_dict(model2, opt2)
-    sd = {"model": msd, "optim": osd}
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
     dcp.load(sd, checkpoint_id=ckpt)
-    set_state_dict(model2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
     outcomes2: list = []
     train(model2, event_step(opt2, poison2, rank == world - 1, outcomes2), batches, X, y, rank,
           world, start=RESUME_AT)
