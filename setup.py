@@ -89,6 +89,7 @@ setup(
     install_requires=["torch>=2.1"],
     extras_require={
         "test": ["pytest", "hypothesis", "numpy", "scikit-learn"],
+        "dist-test": ["lightning", "accelerate"],  # tests/test_frameworks.py (requirements-dist.txt)
         "bench": ["tqdm", "matplotlib", "numpy", "scikit-learn"],
     },
     ext_modules=ext_modules,

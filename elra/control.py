@@ -8,7 +8,9 @@ step counters lives here, in plain Python floats:
 * the loss statistics and the accept/retrace decision (point 5 of ``ELRA_ALGORITHM.md``),
 * the 100-step control window: long-window loss averages, stagnation and batch growth,
   the schedule, the dynamic weight-decay factor (point 2),
-* the scalar bookkeeping of an accepted step and of a retrace (points 6 and 7).
+* the scalar bookkeeping of an accepted step and of a retrace (points 6 and 7),
+* steps taken without a loss (a bare ``step()`` with no loss known): accepted when the engine
+  finds the gradient finite, left out of the loss statistics (``no_loss_steps``).
 
 Nothing here touches a tensor, so every rule can be tested on its own with made-up numbers.
 """
@@ -128,6 +130,7 @@ class LossControl:
     window_steps: int = 0
     retraces_window: int = 0
     retraces_total: int = 0
+    no_loss_steps: int = 0  # accepted steps without a loss since the long window last closed
     long_windows: int = 0
     stall: int = 0
     increase: bool = False
@@ -174,6 +177,16 @@ class LossControl:
         self.sum_f = f
         self.sum_var = 0.0
 
+    def first_step_without_loss(self) -> None:
+        """The first step when no loss is known: no loss bounds until losses come in."""
+        self.started = True
+        self.f0 = self.f_last = math.nan
+        self.f_init = math.inf
+        self.mean_ref = math.inf
+        self.dev_ref = 0.0
+        self.sum_f = self.sum_var = 0.0
+        self.no_loss_steps += 1
+
     def accept_test(self, f_best: float, f: float) -> Optional[Tentative]:
         """The accept decision of point 5; ``None`` means retrace.
 
@@ -190,7 +203,7 @@ class LossControl:
             return None
         if self.stochastic and not f < EXPLOSION_FACTOR * self.f_init:
             return None
-        m = self.window_steps - self.retraces_window + 1
+        m = self.window_steps - self.retraces_window - self.no_loss_steps + 1
         sum_f = self.sum_f + f
         if self.window_steps > 0:
             sum_var = self.sum_var + (sum_f - m * f) ** 2 / self.window_steps**2
@@ -207,6 +220,15 @@ class LossControl:
         self.dev_correction = max(1.0, self.dev_correction / DEV_CORRECTION_FACTOR)
         self.sum_f, self.sum_var, self.mean_ref, self.dev_ref = t.sum_f, t.sum_var, t.mean_ref, t.dev_ref
         self.f_last = f
+        return self._step_inputs()
+
+    def accept_without_loss(self) -> StepInputs:
+        """Commit an accepted step that had no loss: as :meth:`accept`, without statistics."""
+        self.dev_correction = max(1.0, self.dev_correction / DEV_CORRECTION_FACTOR)
+        self.no_loss_steps += 1
+        return self._step_inputs()
+
+    def _step_inputs(self) -> StepInputs:
         self.growth_damper /= GROWTH_DAMPER_DIVISOR
         self.lr_damp = math.sqrt(self.lr_damp)
         return StepInputs(
@@ -216,7 +238,7 @@ class LossControl:
         )
 
     _ACCEPT_FIELDS = ("dev_correction", "sum_f", "sum_var", "mean_ref", "dev_ref", "f_last",
-                      "growth_damper", "lr_damp")
+                      "growth_damper", "lr_damp", "no_loss_steps")
 
     def snapshot(self) -> tuple:
         """What :meth:`accept` changes, to undo an accept whose gradient turns out non-finite."""
@@ -272,14 +294,14 @@ class LossControl:
         self.retraces_window = 0
 
     def _close_long_window(self) -> None:
-        n = self.window_steps - self.retraces_window
+        n = self.window_steps - self.retraces_window - self.no_loss_steps
         if n > 0:
             avg = self.sum_f / n
             sd = math.sqrt(max(self.sum_var, 0.0) / n)
         else:  # nothing but retraces: keep the reference values
             avg, sd = self.mean_ref, self.dev_ref
         self.sum_f = self.sum_var = 0.0
-        self.window_steps = self.retraces_window = 0
+        self.window_steps = self.retraces_window = self.no_loss_steps = 0
         self.long_windows += 1
         self.increase = False
         hist = deque(self.window_history, maxlen=6)

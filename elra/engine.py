@@ -14,6 +14,11 @@ the angle terms). Its small interface is all the optimizer uses:
 ``retrace``      the step-size shrink of a failed step and the move back,
 ``window_sums`` / ``set_grad_norm_avg``  what the 100-step control window reads and sets.
 
+With a ``reducer`` (sharded parameters, see :mod:`elra.distributed`) the buffers hold only this
+rank's shard: every sum over the parameters (the reductions of a step, ``|g|^2`` of a collected
+gradient) is summed over the process group by ``reducer`` before anything is decided from it,
+so all ranks compute the same scalars and each moves its own shard.
+
 The step methods return ``True`` (done), ``False`` (the gradient was not finite) or ``None``
 (not known yet: a device engine may report it later through :meth:`Engine.resolve`).
 :class:`TorchEngine` implements the interface with plain torch operations (it works everywhere and
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -69,8 +74,11 @@ class Engine:
     name = "base"
 
     def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
-                 alpha: float, lr: float):
+                 alpha: float, lr: float, reducer: Optional[Callable[[torch.Tensor], None]] = None,
+                 num_groups: int = 1):
         self.buffers = buffers
+        self.reducer = reducer  # sums a float64 tensor over the ranks in place (sharded)
+        self.num_groups = int(num_groups)  # parameter groups of the optimizer (on every rank)
         self.stochastic = stochastic
         self.momentum = float(momentum)
         self.scalars = Scalars(alpha=alpha, lr=lr)
@@ -205,7 +213,12 @@ class TorchEngine(Engine):
 
     def collect(self, weight: float, inv: float) -> bool:
         grads = [b.grad for b in self.buffers]
-        gg = sum(_dot(g, g).item() for g in grads) * inv * inv
+        if self.reducer is None:
+            gg = sum(_dot(g, g).item() for g in grads) * inv * inv
+        else:
+            t = sum(_dot(g, g).double() for g in grads).reshape(1)
+            self.reducer(t)
+            gg = t.item() * inv * inv
         if not self._grad_ok(gg):
             return False
         w = weight * inv
@@ -219,6 +232,8 @@ class TorchEngine(Engine):
 
     def reduce(self, use_collected: bool, inv: float, wd: Optional[list[float]]) -> Reductions:
         srcs = self._sources(use_collected)
+        if self.reducer is not None:
+            return self._reduce_sharded(srcs, inv, wd)
         if wd is None:
             parts = [torch.stack([_dot(g, d), _dot(g, g)]) for g, d in zip(srcs, self.direction)]
             gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
@@ -240,6 +255,18 @@ class TorchEngine(Engine):
                 return Reductions(finite=False)
         gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
         kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
+        coefs = self._fill_gprime(srcs, inv, wd, kappa)
+        parts = [torch.stack([_dot(gp, d), _dot(gp, gp)]) for gp, d in zip(self._gprime,
+                                                                           self.direction)]
+        gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
+        if not math.isfinite(gg) or not math.isfinite(gd):
+            return Reductions(finite=False)
+        n = math.sqrt(max(gg, 0.0))
+        return Reductions(True, n, math.sqrt(gg_raw) if gg_raw is not None else n, gd, gg, coefs)
+
+    def _fill_gprime(self, srcs: list[torch.Tensor], inv: float, wd: list[float],
+                     kappa: float) -> list[list[float]]:
+        """g' = inv * g + c * x per segment into the working buffer; the coefficients c."""
         if self._gprime is None:
             self._gprime = [b.new_zeros() for b in self.buffers]
         coefs = []
@@ -256,13 +283,55 @@ class TorchEngine(Engine):
                 else:
                     torch.add(buf.data[sl], g[sl], alpha=inv / c, out=gp[sl]).mul_(c)
             coefs.append(cs)
-        parts = [torch.stack([_dot(gp, d), _dot(gp, gp)]) for gp, d in zip(self._gprime,
-                                                                           self.direction)]
-        gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
+        return coefs
+
+    def _reduce_sharded(self, srcs: list[torch.Tensor], inv: float,
+                        wd: Optional[list[float]]) -> Reductions:
+        """The reductions over this rank's shard, summed over the group in one all-reduce.
+
+        Without weight decay: ``<g, d>`` and ``|g|^2``. With it, per parameter group the five raw
+        sums ``<g, d>``, ``|g|^2``, ``<x, d>``, ``<g, x>``, ``|x|^2``: kappa needs the global
+        ``|x|`` before ``g'`` exists, so ``<g', d>`` and ``|g'|^2`` follow algebraically (as in
+        the native engine's ``finalize``).
+        """
+        dev = self.buffers[0].device
+        if wd is None:
+            acc = torch.zeros(2, dtype=torch.float64, device=dev)
+            for g, d in zip(srcs, self.direction):
+                acc += torch.stack([_dot(g, d), _dot(g, g)]).double()
+            self.reducer(acc)
+            gd, gg = acc.tolist()
+            gd, gg = gd * inv, gg * inv * inv
+            if not self._grad_ok(gg) or not math.isfinite(gd):
+                return Reductions(finite=False)
+            n = math.sqrt(gg)
+            return Reductions(True, n, n, gd, gg, None)
+        acc = torch.zeros(self.num_groups, 5, dtype=torch.float64, device=dev)
+        for buf, g, d in zip(self.buffers, srcs, self.direction):
+            x = buf.data
+            for seg in buf.segments:
+                sl = slice(seg.start, seg.end)
+                gs, ds, xs = g[sl], d[sl], x[sl]
+                acc[seg.group] += torch.stack([_dot(gs, ds), _dot(gs, gs), _dot(xs, ds),
+                                               _dot(gs, xs), _dot(xs, xs)]).double()
+        self.reducer(acc)
+        rows = acc.tolist()
+        gg_raw = sum(r[1] for r in rows) * inv * inv
+        xx = sum(r[4] for r in rows)
+        if not self._grad_ok(gg_raw):
+            return Reductions(finite=False)
+        gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
+        kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
+        gd = gg = 0.0
+        for k, r in enumerate(rows):
+            c = wd[k] * kappa
+            gd += inv * r[0] + c * r[2]
+            gg += inv * inv * r[1] + 2.0 * c * inv * r[3] + c * c * r[4]
         if not math.isfinite(gg) or not math.isfinite(gd):
             return Reductions(finite=False)
-        n = math.sqrt(max(gg, 0.0))
-        return Reductions(True, n, math.sqrt(gg_raw) if gg_raw is not None else n, gd, gg, coefs)
+        coefs = self._fill_gprime(srcs, inv, wd, kappa)
+        gg = max(gg, 0.0)
+        return Reductions(True, math.sqrt(gg), math.sqrt(gg_raw), gd, gg, coefs)
 
     def _write_direction(self, red: Reductions, use_collected: bool, inv: float,
                          b: float) -> None:

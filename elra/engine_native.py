@@ -24,17 +24,27 @@ one pass] there). Used in the stochastic regime without boosting or a kept retra
 precision), not right after a clipped step (which predicts another clip) and, with weight decay,
 only when the last step left a usable |x|; the other steps take the two-pass path (``reduce``,
 ``finalize``, ``update``).
+
+[note: sharded parameters]
+With a ``reducer`` (see :mod:`elra.distributed`) the buffers hold one rank's shard, and a
+parameter group may have segments on some ranks and none on others. The per-segment sums of
+``reduce`` are then added up per parameter group, summed over the ranks in one all-reduce
+(``num_groups`` x 5 float64), and handed to ``finalize`` as extra segments, one per group,
+while the local segments' rows are zeroed: ``finalize`` only ever adds rows weighted by their
+group's decay, so it computes the global step size, and the decay coefficients of the local
+segments come out as usual for ``update``. Sharded steps always take the two-pass path.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from . import _native
 from .control import CLIP, LR_MIN
-from .engine import _HALF, Engine
+from .engine import _HALF, HALF_GRAD_NORM_LIMIT, Engine
 from .flat_buffer import FlatBuffer
 
 CLIP_FORESIGHT = 0.8  # a step predicted within 80% of the clip takes the two-pass path
@@ -62,8 +72,9 @@ class NativeEngine(Engine):
     name = "native"
 
     @staticmethod
-    def supports(buffers: list[FlatBuffer]) -> Optional[str]:
-        """``None`` if this engine can drive ``buffers``, else the reason it cannot."""
+    def supports(buffers: list[FlatBuffer], extra_segments: int = 0) -> Optional[str]:
+        """``None`` if this engine can drive ``buffers``, else the reason it cannot
+        (``extra_segments``: the per-group rows a sharded engine adds)."""
         if _native.ops() is None:
             return f"the native kernels are not available ({_native.native_status()['error']})"
         devices = {b.device for b in buffers}
@@ -72,13 +83,15 @@ class NativeEngine(Engine):
         dev = next(iter(devices))
         if not _native.has_kernels_for(dev):
             return f"no native kernels for {dev.type} tensors in this build"
-        if sum(len(b.segments) for b in buffers) > MAX_SEGMENTS:
+        if sum(len(b.segments) for b in buffers) + extra_segments > MAX_SEGMENTS:
             return f"more than {MAX_SEGMENTS} parameter-group segments"
         return None
 
     def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
-                 alpha: float, lr: float, defer: Optional[bool] = None, fuse: bool = True):
-        super().__init__(buffers, stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
+                 alpha: float, lr: float, defer: Optional[bool] = None, fuse: bool = True,
+                 reducer=None, num_groups: int = 1):
+        super().__init__(buffers, stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr,
+                         reducer=reducer, num_groups=num_groups)
         ops = _native.ops()  # the resolved overloads skip the per-call schema matching
         self._op_reduce, self._op_collect = ops.reduce.default, ops.collect.default
         self._op_finalize, self._op_update = ops.finalize.default, ops.update.default
@@ -97,6 +110,12 @@ class NativeEngine(Engine):
         for b in buffers:
             self._seg_offsets.append(off)
             off += len(b.segments)
+        self._nloc = off
+        if reducer is not None:  # one extra row per group: the group's global sums
+            self._group_index = torch.tensor(self._seg_groups, dtype=torch.long, device=dev)
+            self._group_red = torch.zeros(num_groups, RED_WIDTH, dtype=torch.float64, device=dev)
+            self._seg_groups = self._seg_groups + list(range(num_groups))
+            off += num_groups
         self._red = torch.zeros(off * RED_WIDTH, dtype=torch.float64, device=dev)
         self._coef = torch.zeros(off, dtype=torch.float64, device=dev)
         self._red_views = [self._red[o * RED_WIDTH:(o + len(b.segments)) * RED_WIDTH]
@@ -106,7 +125,7 @@ class NativeEngine(Engine):
         self._half = int(any(b.dtype in _HALF for b in buffers))
         self._keep_copy = int(any(x is not None for x in self.retrace_point))
         self._last_step = alpha
-        self.fuse = bool(fuse) and stochastic and not self._keep_copy
+        self.fuse = bool(fuse) and stochastic and not self._keep_copy and reducer is None
         self._spare: Optional[list[torch.Tensor]] = None  # the other direction buffer
         self._clipped = False  # the last accepted step was clipped (GPU: as last read)
         self._grad_sq = 0.0  # |g|^2 of the last step (GPU: as last read)
@@ -217,6 +236,12 @@ class NativeEngine(Engine):
         for buf, g, d, bounds, out in zip(self.buffers, self._sources(use_collected),
                                           self.direction, self._bounds, self._red_views):
             self._op_reduce(g, d, buf.data, bounds, with_x, out)
+        if self.reducer is not None:  # see [note: sharded parameters]
+            local = self._red[:self._nloc * RED_WIDTH].view(self._nloc, RED_WIDTH)
+            self._group_red.zero_().index_add_(0, self._group_index, local)
+            self.reducer(self._group_red)
+            local.zero_()
+            self._red[self._nloc * RED_WIDTH:].copy_(self._group_red.view(-1))
 
     def _update(self, use_collected: bool, momentum: float) -> None:
         for buf, g, d, xg, coef, bounds in zip(self.buffers, self._sources(use_collected),
@@ -236,9 +261,17 @@ class NativeEngine(Engine):
     def collect(self, weight: float, inv: float) -> bool:
         first = self.collected_count == 0
         ok = True
+        gg = 0.0
         for c, b in zip(self.collected, self.buffers):
             self._op_collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
             ok = ok and int(self._read(STATUS)) == ST_OK
+            if self.reducer is not None:
+                gg += self._read(GRAD_SQ)
+        if self.reducer is not None:  # the ranks decide from the global |g|^2
+            t = torch.tensor([gg], dtype=torch.float64, device=self.device)
+            self.reducer(t)
+            gg = t.item()
+            ok = math.isfinite(gg) and not (self._half and math.sqrt(gg) >= HALF_GRAD_NORM_LIMIT)
         if ok:
             self.collected_count += 1
         return ok

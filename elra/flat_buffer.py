@@ -12,6 +12,14 @@ them at the start of a step: a gradient set to ``None`` (``model.zero_grad()``),
 replaced by another tensor, and a parameter whose data was replaced (``model.to(...)``,
 ``p.data = ...``). The first two are repaired by zeroing or copying one parameter's segment;
 the last makes the optimizer rebuild its layout and carry its state over.
+
+[note: mirrored parameters (DTensor)]
+A ``DTensor`` parameter (FSDP2) cannot be re-pointed: FSDP keeps its own (padded) storage of the
+local shard and all-gathers from it, and gives each step a new ``DTensor`` gradient. Such
+parameters are *mirrored*: the buffer holds a copy of their local shards, :meth:`FlatBuffer.pull`
+copies the shards in at the start of a call, :meth:`FlatBuffer.sync_grads` copies the local
+gradients in, and :meth:`FlatBuffer.push` writes the new values back after the step (three extra
+passes over the local shard, which is 1/world of the model). Empty shards are fine.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
+
+from .distributed import local_tensor
 
 logger = logging.getLogger("elra")
 _GRAD = operator.attrgetter("grad")
@@ -40,17 +50,21 @@ class FlatBuffer:
 
     ``params`` must be ordered by parameter group, so that each group is a contiguous
     :class:`Segment`. The constructor moves the parameter values (and existing gradients) into
-    the buffers; parameters keep their identity, only their storage changes.
+    the buffers; parameters keep their identity, only their storage changes. With
+    ``mirror=True`` (DTensor parameters) the buffer holds a copy of the local shards instead (see
+    the note above).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], groups: list[int]):
+    def __init__(self, params: list[torch.nn.Parameter], groups: list[int], mirror: bool = False):
         if not params:
             raise ValueError("a FlatBuffer needs at least one parameter")
         self.params = list(params)
+        self.mirror = bool(mirror)
         self.device = params[0].device
         self.dtype = params[0].dtype
-        self.shapes = [p.shape for p in params]
-        sizes = [p.numel() for p in params]
+        self.locals = [local_tensor(p) for p in params] if mirror else None
+        self.shapes = [t.shape for t in self.locals] if mirror else [p.shape for p in params]
+        sizes = [s.numel() for s in self.shapes]
         self.offsets = []
         total = 0
         for s in sizes:
@@ -69,6 +83,10 @@ class FlatBuffer:
         self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.data_views = self.views(self.data)
         self.grad_views = self.views(self.grad)
+        if mirror:
+            self.pull()
+            self.sync_grads()
+            return
         for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
             dv.copy_(p.detach())
             if p.grad is not None:
@@ -84,13 +102,39 @@ class FlatBuffer:
     def new_zeros(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=dtype or self.dtype, device=self.device)
 
+    def pull(self) -> None:
+        """Mirrored buffer: copy the parameters' local shards in."""
+        if self.mirror:
+            for t, dv in zip(self.locals, self.data_views):
+                dv.copy_(t)
+
+    def push(self) -> None:
+        """Mirrored buffer: write the buffer back into the parameters' local shards."""
+        if self.mirror:
+            for t, dv in zip(self.locals, self.data_views):
+                t.copy_(dv)
+
     def sync_grads(self) -> int:
         """Make every ``p.grad`` a view of the gradient buffer again; return how many had one.
 
         A gradient set to ``None`` counts as zero; a gradient replaced by another tensor is
         copied into the buffer (one parameter's worth), and the parameter's ``.grad`` is
-        pointed back at the buffer.
+        pointed back at the buffer. A mirrored buffer copies every local gradient in.
         """
+        if self.mirror:
+            present = 0
+            for p, gv in zip(self.params, self.grad_views):
+                g = p.grad
+                if g is None:
+                    gv.zero_()
+                    continue
+                gl = local_tensor(g)
+                if gl.shape != gv.shape:
+                    raise RuntimeError(f"the local gradient of shape {tuple(gl.shape)} does not "
+                                       f"match its parameter's local shard {tuple(gv.shape)}")
+                gv.copy_(gl)
+                present += 1
+            return present
         if not any(map(operator.is_not, map(_GRAD, self.params), self.grad_views)):
             return len(self.params)  # the common case, checked in C-level loops
         present = 0
@@ -112,9 +156,18 @@ class FlatBuffer:
             p.grad = gv
         return present
 
-    def zero_grad(self) -> None:
-        """Zero the gradient buffer in place and re-attach the views."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer in place and re-attach the views (a mirrored buffer: the
+        parameters' own gradients are set to ``None`` or zeroed, as ``set_to_none`` says)."""
         self.grad.zero_()
+        if self.mirror:
+            for p in self.params:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+            return
         for p, gv in zip(self.params, self.grad_views):
             if p.grad is not gv:
                 p.grad = gv

@@ -21,6 +21,8 @@ import torch
 
 from .boost import Booster
 from .control import INITIAL_LR, MAX_COLLECTS, LossControl, normalize_weight_decay
+from .distributed import (AUTO, LossAgreement, as_dtensor_like, dtensor_shard_group, is_dtensor,
+                          local_tensor, resolve_process_group, sum_reducer)
 from .engine import Engine, TorchEngine
 from .engine_native import NativeEngine
 from .flat_buffer import FlatBuffer
@@ -33,12 +35,14 @@ _DATA_PTR = operator.methodcaller("data_ptr")
 REGIMES = ("stochastic", "deterministic")
 ENGINES = ("auto", "torch", "native")
 
-_NEED_LOSS = (
-    "ElraOptimizer.step() needs the loss value, because ELRA decides from it whether a step "
-    "succeeded. Pass it in one of these ways: optimizer.step(loss) with a float or a 0-dim "
-    "tensor; optimizer.step(closure) where closure() recomputes the loss and calls backward(); "
-    "or use ElraGradScaler (scaler.scale(loss).backward(); scaler.step(optimizer))."
+_NO_LOSS = (
+    "elra: step() got no loss: running without loss-based decisions (every step with a finite "
+    "gradient is accepted, a non-finite gradient retraces; no loss statistics, no accept test, "
+    "no batch growth from stalled losses). ELRA decides better with the loss: call "
+    "optimizer.set_loss(loss) before a bare step() (accelerate, Trainer-style loops), or pass "
+    "optimizer.step(loss) or optimizer.step(closure), or use ElraGradScaler. Said once."
 )
+_NAN = float("nan")
 
 
 def _loss_to_float(loss: Any, what: str = "loss") -> float:
@@ -117,17 +121,37 @@ class ElraOptimizer(torch.optim.Optimizer):
             parameters' device, else pure torch), ``"torch"`` or ``"native"`` (raises
             ``RuntimeError`` when the native kernels cannot run here). ``engine_name`` and
             :func:`elra.native_status` tell which is used and why.
+        process_group: the ranks that train together (data parallel): the loss of every call
+            (and the validation/training losses) is averaged over them in one small all-reduce,
+            so that all ranks take the same decisions and, with gradients averaged by
+            ``DistributedDataParallel``, bit-identical steps. ``"auto"`` (default): the world
+            group when ``torch.distributed`` is initialised, else none; ``None``: every process
+            decides alone; or a ``ProcessGroup``. Every rank must then call ``step`` /
+            ``step_retrace`` together (they are collective). ``TypeError`` for another type,
+            ``ValueError`` for another string or a group this process is not in,
+            ``RuntimeError`` for a group while ``torch.distributed`` is not initialised.
+        sharded: whether this process holds only a shard of the parameters, so that the dot
+            products and norms of a step are summed over the process group. ``None`` (default):
+            ``True`` for ``DTensor`` parameters (FSDP2 ``fully_shard``), else ``False``. Pass
+            ``True`` under ``torch.distributed.optim.ZeroRedundancyOptimizer`` (through its
+            keyword arguments: ``ZeroRedundancyOptimizer(params, optimizer_class=ElraOptimizer,
+            sharded=True, ...)``). ``ValueError`` for ``True`` without a process group, for
+            ``False`` with sharded ``DTensor`` parameters, and for a mix of ``DTensor`` and
+            plain parameters.
 
-    A step needs the loss: ``step(loss)``, ``step(closure)`` or :class:`ElraGradScaler`.
-    ``param_groups[i]["lr"]`` always shows the step length currently applied; changes made to it
-    from outside (LR schedulers) are ignored with one warning.
+    A step needs the loss: ``step(loss)``, ``step(closure)``, :meth:`set_loss` before a bare
+    ``step()``, or :class:`ElraGradScaler`; without any, the step is taken without loss-based
+    decisions (see :meth:`step`). ``param_groups[i]["lr"]`` always shows the step length
+    currently applied; changes made to it from outside (LR schedulers) are ignored with one
+    warning.
     """
 
     def __init__(self, params: Iterable, model: Optional[torch.nn.Module] = None,
                  batch_size: int = 8, classes: Optional[int] = None, lr: float = 1e-5,
                  mode: Any = "P2M", dummy: Any = None, momentum: Optional[float] = None,
                  weight_decay: float = 0.0, warmup: int = 1, *, regime: Optional[str] = None,
-                 collects: int = 1, engine: str = "auto"):
+                 collects: int = 1, engine: str = "auto", process_group: Any = AUTO,
+                 sharded: Optional[bool] = None):
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         self.mode = _mode_name(mode)
@@ -145,7 +169,15 @@ class ElraOptimizer(torch.optim.Optimizer):
             raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if sharded is not None and not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be None, True or False, got {sharded!r}")
         stochastic = self._resolve_regime(regime, classes, warmup)
+        self._group = resolve_process_group(process_group)
+        if sharded and self._group is None and process_group is None:
+            raise ValueError("sharded=True needs the process group over which the shards add "
+                             "up; process_group=None was given")
+        self._agreement = LossAgreement(self._group) if self._group is not None else None
+        self._sharded_arg = sharded
         self._ready = False
         self._model = model
         self._lr_group_warned = False
@@ -154,6 +186,13 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._control = LossControl(stochastic=stochastic, batch_size=batch_size,
                                     classes=classes or 0, warmup=warmup, collects=collects)
         self._losses: list[float] = []
+        self._recorded = [0.0, 0]  # set_loss: sum and count of the losses recorded for the next step
+        self._pending_valid: Optional[float] = None  # set_valid_loss / set_train_loss in a group:
+        self._pending_train: Optional[float] = None  # averaged at the next call
+        self._no_loss_logged = False
+        self._replicas_checked = False
+        self._extra_holder: dict = {}  # see [note: checkpoints through ZeroRedundancyOptimizer]
+        self._adopted_holder: Optional[dict] = None
         self._shown_lr = float(lr)
         self._scheduler_warned = False
         self._booster: Optional[Booster] = None
@@ -162,6 +201,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._engine: Engine
         self._buffers: list[FlatBuffer] = []
         self._build(alpha=float(lr), lr=INITIAL_LR)
+        if self._publish_extra:
+            for g in self.param_groups:
+                g["elra"] = self._extra_holder
         self._ready = True
 
     # --- construction -------------------------------------------------------------------------
@@ -192,6 +234,16 @@ class ElraOptimizer(torch.optim.Optimizer):
     def engine_name(self) -> str:
         """The engine doing the vector work (``"torch"`` or ``"native"``)."""
         return self._engine.name
+
+    @property
+    def process_group(self):
+        """The process group the ranks agree over, or ``None`` (one process decides alone)."""
+        return self._group
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this process optimizes a shard (reductions summed over the group)."""
+        return self._sharded
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (e.g. with its own ``weight_decay``); same rules as the constructor."""
@@ -235,6 +287,8 @@ class ElraOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         if self._ready:
             self.param_groups[-1]["lr"] = self._shown_lr
+            if self._publish_extra:
+                self.param_groups[-1]["elra"] = self._extra_holder
             self._rebuild()
 
     def _trainable(self) -> list[tuple[int, torch.nn.Parameter]]:
@@ -245,7 +299,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         """Remember the groups' parameters, which are trainable, and where their data lives."""
         self._watch = [p for g in self.param_groups for p in g["params"]]
         self._watch_trainable = list(map(_REQUIRES_GRAD, self._watch))
-        self._watch_ptrs = [p.data_ptr() for p in self._watch if p.requires_grad]
+        # DTensor parameters: where the local shard lives (their own data_ptr() is 0)
+        self._ptr_of = _local_ptr if any(b.mirror for b in self._buffers) else _DATA_PTR
+        self._watch_ptrs = [self._ptr_of(p) for p in self._watch if p.requires_grad]
 
     def _layout_changed(self) -> bool:
         """True if a parameter was added, removed, frozen or unfrozen, or its data replaced
@@ -257,7 +313,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         trainable = list(map(_REQUIRES_GRAD, params))
         if trainable != self._watch_trainable:
             return True
-        return list(map(_DATA_PTR, compress(params, trainable))) != self._watch_ptrs
+        return list(map(self._ptr_of, compress(params, trainable))) != self._watch_ptrs
 
     def _build(self, alpha: float, lr: float) -> None:
         """Lay out the trainable parameters in flat buffers and create the engine."""
@@ -265,24 +321,55 @@ class ElraOptimizer(torch.optim.Optimizer):
         if not trainable:
             raise ValueError("ElraOptimizer got no trainable parameters (all have "
                              "requires_grad=False)")
+        self._setup_sharding([p for _, p in trainable])
         by_key: dict[tuple, list] = {}
         for gi, p in trainable:
             by_key.setdefault((p.device, p.dtype), []).append((gi, p))
-        self._buffers = [FlatBuffer([p for _, p in items], [gi for gi, _ in items])
-                         for items in by_key.values()]
+        self._buffers = [FlatBuffer([p for _, p in items], [gi for gi, _ in items],
+                                    mirror=self._mirror) for items in by_key.values()]
         self._engine = self._make_engine(alpha, lr, self._control.stochastic,
                                          self._config["momentum"])
+        if self._control.collects > 1:  # so that a checkpoint template has the buffer (DCP)
+            self._engine.ensure_collection()
         self._owned_ids = {id(p) for b in self._buffers for p in b.params}
         if self._booster is not None:
             self._booster = Booster(self._buffers, self._booster.cycle)
         self._watch_layout()
         self._refresh_state_views()
 
+    def _setup_sharding(self, params: list) -> None:
+        """Decide how this process's parameters relate to the other ranks' (see
+        :mod:`elra.distributed`): replicated (DDP, one process), a ZeRO shard, or DTensor
+        shards (FSDP2), and over which group the engine sums its reductions."""
+        dtensors = [is_dtensor(p) for p in params]
+        self._mirror = any(dtensors)
+        if self._mirror:
+            if not all(dtensors):
+                raise ValueError("ElraOptimizer: DTensor parameters (FSDP2) and plain tensors "
+                                 "cannot be mixed in one optimizer; shard the whole model with "
+                                 "fully_shard or use one optimizer per kind")
+            reduce_group = dtensor_shard_group(params)
+            if self._sharded_arg is False and reduce_group is not None:
+                raise ValueError("sharded=False, but the parameters are sharded DTensors (FSDP2); "
+                                 "leave sharded at None")
+            self._sharded = reduce_group is not None
+        else:
+            self._sharded = bool(self._sharded_arg)
+            reduce_group = self._group if self._sharded else None
+            if self._sharded and self._group is None and not _distributed_single_rank():
+                raise ValueError("sharded=True needs torch.distributed to be initialised (the "
+                                 "shards are summed over the process group)")
+        self._reducer = sum_reducer(reduce_group) if reduce_group is not None else None
+        # ZeRO keeps the optimizer's groups, not its state_dict (see _adopt_external_load)
+        self._publish_extra = self._sharded and not self._mirror
+
     def _make_engine(self, alpha: float, lr: float, stochastic: bool, momentum: float) -> Engine:
         choice = self._config["engine"]
-        kw = dict(stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr)
+        kw = dict(stochastic=stochastic, momentum=momentum, alpha=alpha, lr=lr,
+                  reducer=self._reducer, num_groups=len(self.param_groups))
         if choice != "torch":
-            reason = NativeEngine.supports(self._buffers)
+            extra = len(self.param_groups) if self._reducer is not None else 0
+            reason = NativeEngine.supports(self._buffers, extra)
             if reason is None:
                 engine: Engine = NativeEngine(self._buffers, **kw)
             elif choice == "native":
@@ -319,6 +406,8 @@ class ElraOptimizer(torch.optim.Optimizer):
         for name, m in self._vector_views().items():
             for p, v in m.items():
                 self.state[p][name] = v
+        first = self._buffers[0].params[0]
+        self._first_state = (first, self.state[first])  # to notice a state replaced from outside
         self._shown_direction = self._engine.direction
         self._direction_views: dict[tuple, list] = {}
 
@@ -365,6 +454,8 @@ class ElraOptimizer(torch.optim.Optimizer):
 
     # --- per step -----------------------------------------------------------------------------
     def _begin_call(self) -> None:
+        if self._publish_extra:
+            self._adopt_external_load()
         if self._layout_changed():
             self._rebuild()
         shown = self._shown_lr
@@ -376,6 +467,16 @@ class ElraOptimizer(torch.optim.Optimizer):
                               UserWarning, stacklevel=3)
             for g in self.param_groups:
                 g["lr"] = shown
+        if self._mirror:
+            for b in self._buffers:
+                b.pull()
+
+    def _end_call(self) -> None:
+        if self._mirror:
+            for b in self._buffers:
+                b.push()
+        self._sync_direction_views()
+        self._publish_lr()
 
     def _publish_lr(self) -> None:
         s = self._engine.step_size if self._control.started else self._shown_lr
@@ -383,9 +484,50 @@ class ElraOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             g["lr"] = self._shown_lr
 
+    def _agree(self, f: Optional[float], requested: bool,
+               no_gradient: bool) -> tuple[Optional[float], bool, bool]:
+        """The loss and flags all ranks decide from (see :mod:`elra.distributed`); as given
+        without a process group."""
+        agreement = self._agreement
+        if agreement is None:
+            return f, requested, no_gradient
+        if not self._replicas_checked and not self._sharded:
+            self._replicas_checked = True
+            sq = sum(float(torch.linalg.vector_norm(b.data.float())) ** 2 for b in self._buffers)
+            agreement.check_replicated(sum(b.numel for b in self._buffers), sq)
+        a = agreement.agree(f, requested, no_gradient, self._pending_valid, self._pending_train)
+        self._pending_valid = self._pending_train = None
+        if a.valid_loss is not None:
+            self._control.valid_loss = a.valid_loss
+        if a.train_loss is not None:
+            self._control.train_loss = a.train_loss
+        return a.loss, a.retrace_requested, a.no_gradient
+
+    def set_loss(self, loss: Union[float, torch.Tensor]) -> None:
+        """Record the loss of the current mini-batch for the next bare ``step()``.
+
+        For training loops that call ``optimizer.step()`` without arguments (Hugging Face
+        accelerate, Trainer-style loops): ``loss.backward(); optimizer.set_loss(loss);
+        optimizer.step()``. Called several times before a step (gradient accumulation: once per
+        micro-batch), the step uses the mean of the recorded losses. A step given its loss
+        directly (``step(loss)``, a closure) discards recorded losses. ``loss`` is a number or a
+        one-element tensor (``TypeError``/``ValueError`` otherwise); NaN/inf are allowed and make
+        the step a retrace. The value is read at once (a device sync for a GPU tensor, as
+        ``step(loss)`` does).
+        """
+        f = _loss_to_float(loss)
+        self._recorded[0] += f
+        self._recorded[1] += 1
+
+    def _take_recorded(self) -> Optional[float]:
+        total, n = self._recorded
+        self._recorded = [0.0, 0]
+        return total / n if n else None
+
     @torch.no_grad()
     def step(self, loss: Union[float, torch.Tensor, Callable, None] = None,
-             scale: Optional[float] = None, closure: Optional[Callable] = None):
+             scale: Optional[float] = None, closure: Optional[Callable] = None, *,
+             retrace: bool = False):
         """Take one ELRA step (or collect one gradient) given this call's loss.
 
         Args:
@@ -393,13 +535,21 @@ class ElraOptimizer(torch.optim.Optimizer):
                 one-element tensor (``loss.item()`` is fine); or a closure (also accepted as
                 ``closure=``) that zeroes gradients, computes the loss, calls ``backward()`` and
                 returns it. A NaN/inf loss makes the step a retrace (like :meth:`step_retrace`).
+                ``None``: the mean of the losses recorded by :meth:`set_loss` since the last
+                step; if there are none, the step is taken without a loss: it is accepted if its
+                gradient is finite (else a retrace), and no loss statistics or loss-based
+                decisions are made for it (logged once, at WARNING, on the ``elra`` logger).
             scale: the factor the gradients are multiplied by (loss scaling); ELRA divides by it
                 once. ``None`` means 1. Must be finite and > 0.
+            retrace: ``True`` makes the call :meth:`step_retrace` with this loss (the gradient is
+                not used): for wrappers that only forward ``step`` (e.g.
+                ``ZeroRedundancyOptimizer.step(loss, retrace=True)``).
 
         Returns the loss (the closure's result when a closure was given).
-        Raises ``TypeError`` when no loss was given or it is not a number, ``ValueError`` for a
-        tensor of several elements. A non-finite or missing gradient never reaches the
-        parameters: the step becomes a retrace. ``last_outcome`` tells what the call did.
+        Raises ``TypeError`` when the loss is not a number, ``ValueError`` for a tensor of
+        several elements. A non-finite or missing gradient never reaches the parameters: the
+        step becomes a retrace. ``last_outcome`` tells what the call did. With a process group
+        (see the constructor) the call is collective and every rank decides from the mean loss.
         """
         if closure is not None and not callable(closure):
             # wrappers such as ZeroRedundancyOptimizer forward their positional argument as
@@ -416,9 +566,14 @@ class ElraOptimizer(torch.optim.Optimizer):
                 raise TypeError("pass either a loss or a closure to step(), not both")
             with torch.enable_grad():
                 loss = closure()
+        if retrace:
+            self.step_retrace(_NAN if loss is None else loss)
+            return loss
         if loss is None:
-            raise TypeError(_NEED_LOSS)
-        f = _loss_to_float(loss)
+            f = self._take_recorded()
+        else:
+            f = _loss_to_float(loss)
+            self._recorded = [0.0, 0]
         inv = 1.0
         if scale is not None:
             s = _loss_to_float(scale, "scale")
@@ -427,18 +582,24 @@ class ElraOptimizer(torch.optim.Optimizer):
             inv = 1.0 / s
         self._begin_call()
         self._resolve()
-        self._step(f, inv)
-        self._sync_direction_views()
-        self._publish_lr()
+        present = sum(b.sync_grads() for b in self._buffers)
+        f, requested, no_gradient = self._agree(f, False, present == 0)
+        if requested:
+            self._fail(f, with_gradient=False, reason="retrace_requested")
+        else:
+            self._step(f, inv, no_gradient)
+        self._end_call()
         return loss
 
-    def _step(self, f: float, inv: float) -> None:
+    def _step(self, f: Optional[float], inv: float, no_gradient: bool) -> None:
         ctl, eng = self._control, self._engine
-        if not math.isfinite(f):
+        if f is not None and not math.isfinite(f):
             return self._fail(f, with_gradient=False, reason="retrace_loss")
-        present = sum(b.sync_grads() for b in self._buffers)
-        if present == 0:
+        if no_gradient:
             return self._fail(f, with_gradient=False, reason="retrace_no_gradient")
+        if f is None and not self._no_loss_logged:
+            self._no_loss_logged = True
+            logger.warning(_NO_LOSS)
         use_collected = ctl.collects > 1
         f_best = f
         if use_collected:
@@ -447,33 +608,45 @@ class ElraOptimizer(torch.optim.Optimizer):
                 self._refresh_state_views()
             if not eng.collect(1.0 / ctl.collects, inv):
                 return self._fail(f, with_gradient=True, reason="retrace_gradient")
-            self._losses.append(f)
+            if f is not None:
+                self._losses.append(f)
             if eng.collected_count < ctl.collects:
                 self.last_outcome = "collected"
                 return
-            f_best = min(self._losses)
+            f_best = min(self._losses) if self._losses else None
             self._losses = []
             inv = 1.0
+        if f is None:
+            f_best = None
+        fv = _NAN if f is None else f  # what the engine and boosting see of a missing loss
         decays = [g["weight_decay"] for g in self.param_groups]
         if not ctl.started:
             before = ctl.to_dict()
             wd = ctl.weight_decay_coefficients(decays)
             ctl.begin_step(with_gradient=True)
-            ctl.first_step(f)
-            self._settle(eng.first_step(use_collected, inv, wd, self._booster, f),
-                         ("first", before), f)
+            if f is None:
+                ctl.first_step_without_loss()
+            else:
+                ctl.first_step(f)
+            self._settle(eng.first_step(use_collected, inv, wd, self._booster, fv),
+                         ("first", before), fv)
             eng.drop_collection()
             return
         if ctl.begin_step(with_gradient=True):
             self._close_window()
-        tentative = ctl.accept_test(f_best, f)
-        if tentative is None:
-            return self._retrace(f, "retrace_loss")
-        wd = ctl.weight_decay_coefficients(decays)
-        snap, f_last = ctl.snapshot(), ctl.f_last
-        inputs = ctl.accept(tentative, f)
-        done = eng.accept_step(use_collected, inv, wd, inputs, f, f_last, self._booster)
-        self._settle(done, ("accept", snap), f)
+        if f is None:
+            snap, f_last = ctl.snapshot(), ctl.f_last
+            wd = ctl.weight_decay_coefficients(decays)
+            inputs = ctl.accept_without_loss()
+        else:
+            tentative = ctl.accept_test(f_best, f)
+            if tentative is None:
+                return self._retrace(f, "retrace_loss")
+            wd = ctl.weight_decay_coefficients(decays)
+            snap, f_last = ctl.snapshot(), ctl.f_last
+            inputs = ctl.accept(tentative, f)
+        done = eng.accept_step(use_collected, inv, wd, inputs, fv, f_last, self._booster)
+        self._settle(done, ("accept", snap), fv)
         eng.drop_collection()
 
     def _settle(self, done: Optional[bool], undo: tuple, f: float) -> None:
@@ -506,8 +679,9 @@ class ElraOptimizer(torch.optim.Optimizer):
             done = self._engine.resolve()
             self._settle(True if done is None else done, undo, f)
 
-    def _fail(self, f: float, with_gradient: bool, reason: str) -> None:
+    def _fail(self, f: Optional[float], with_gradient: bool, reason: str) -> None:
         """A call whose gradient cannot be used: a retrace (nothing to undo before the start)."""
+        f = _NAN if f is None else f
         self._engine.drop_collection()
         self._losses = []
         if not self._control.started:
@@ -543,13 +717,18 @@ class ElraOptimizer(torch.optim.Optimizer):
         Use it when the loss is clearly too high or not finite: ``backward()`` can be skipped.
         The optimizer goes back to the last accepted point and re-applies the last direction
         with a smaller step. Any partial gradient collection is dropped. ``loss`` may be NaN.
+        With a process group it is collective like :meth:`step`: when any rank calls it (the
+        others calling ``step``), all ranks retrace. Under ``DistributedDataParallel`` call
+        ``backward()`` on every rank all the same (DDP's gradient all-reduce needs all ranks).
         """
         f = _loss_to_float(loss)
+        self._recorded = [0.0, 0]
         self._begin_call()
         self._resolve()
         with torch.no_grad():
+            f, _, _ = self._agree(f, True, False)
             self._fail(f, with_gradient=False, reason="retrace_requested")
-        self._publish_lr()
+            self._end_call()
 
     # --- weight-decay control and boosting ------------------------------------------------------
     def set_valid_loss(self, loss: Union[float, torch.Tensor], *_ignored: Any, **_kw: Any) -> None:
@@ -558,13 +737,23 @@ class ElraOptimizer(torch.optim.Optimizer):
         With both :meth:`set_valid_loss` and :meth:`set_train_loss` given and a non-zero weight
         decay, ELRA decays harder while the validation loss exceeds the training loss. Extra
         arguments of the reference's signature are accepted and ignored. Raises ``ValueError``
-        for a non-finite loss.
+        for a non-finite loss. With a process group the value is averaged, at the next
+        ``step``, over the ranks that recorded one (no collective here: a rank may skip it).
         """
-        self._control.valid_loss = _finite_loss(loss, "validation loss")
+        v = _finite_loss(loss, "validation loss")
+        if self._agreement is None:
+            self._control.valid_loss = v
+        else:
+            self._pending_valid = v
 
     def set_train_loss(self, loss: Union[float, torch.Tensor], *_ignored: Any, **_kw: Any) -> None:
-        """Record a training loss (e.g. the epoch mean) for the dynamic weight decay."""
-        self._control.train_loss = _finite_loss(loss, "training loss")
+        """Record a training loss (e.g. the epoch mean) for the dynamic weight decay; averaged
+        over the process group at the next ``step`` like :meth:`set_valid_loss`."""
+        v = _finite_loss(loss, "training loss")
+        if self._agreement is None:
+            self._control.train_loss = v
+        else:
+            self._pending_train = v
 
     def get_boost_model(self, enable: bool = True, model: Optional[torch.nn.Module] = None,
                         device: Any = None):
@@ -578,8 +767,13 @@ class ElraOptimizer(torch.optim.Optimizer):
         their losses (NaN if none) and a deep copy of ``model`` (or of the constructor's
         ``model``) holding the average, on ``device`` if given. ``model_copy`` is ``None`` when
         boosting was off until now, nothing was averaged yet, or no model is known.
-        ``enable=False`` turns boosting off and frees its buffer.
+        ``enable=False`` turns boosting off and frees its buffer. Not available for sharded
+        parameters (ZeRO, FSDP2: no rank holds the whole model): ``enable=True`` raises
+        ``NotImplementedError`` there.
         """
+        if enable and self._sharded:
+            raise NotImplementedError("boosting needs the whole model on this process; it is not "
+                                      "available for sharded parameters (ZeRO, FSDP2)")
         if not enable:
             self._booster = None
             self._refresh_state_views()
@@ -604,10 +798,11 @@ class ElraOptimizer(torch.optim.Optimizer):
         The gradients of the optimized parameters are views of one flat buffer; they are zeroed
         in place and stay attached (``p.grad`` is a zero tensor, not ``None``, whatever
         ``set_to_none`` says), so the next ``backward()`` accumulates straight into the buffer.
-        Other parameters of the groups (frozen ones) follow ``set_to_none``.
+        Other parameters of the groups (frozen ones), and DTensor parameters (FSDP2, whose
+        gradients the optimizer copies in at each step), follow ``set_to_none``.
         """
         for b in self._buffers:
-            b.zero_grad()
+            b.zero_grad(set_to_none)
         for g in self.param_groups:
             for p in g["params"]:
                 if id(p) not in self._owned_ids and p.grad is not None:
@@ -628,6 +823,8 @@ class ElraOptimizer(torch.optim.Optimizer):
             "boost": self._booster.state() if self._booster is not None else None,
             "shown_lr": self._shown_lr,
             "last_outcome": self.last_outcome,
+            "recorded_loss": list(self._recorded),
+            "pending_losses": [self._pending_valid, self._pending_train],
         }
 
     def state_dict(self) -> dict:
@@ -636,13 +833,64 @@ class ElraOptimizer(torch.optim.Optimizer):
 
         Only tensors, numbers, strings, lists and dicts: ``torch.load(weights_only=True)``
         reads it. Calling it changes nothing (beyond waiting for a device's last step).
+        For DTensor parameters (FSDP2) the vectors are DTensors laid out like their parameters,
+        as ``torch.distributed.checkpoint`` expects.
         """
         self._resolve()
+        if self._publish_extra:
+            self._adopt_external_load()
         sd = super().state_dict()
         extra = self._extra_state()
         for g in sd["param_groups"]:
             g["elra"] = copy.deepcopy(extra)
+        if self._mirror:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for i, entry in sd["state"].items():
+                p = params[i]
+                if is_dtensor(p):
+                    sd["state"][i] = {k: as_dtensor_like(v, p) for k, v in entry.items()}
+        if self._publish_extra:  # in place: ZeroRedundancyOptimizer's groups share the dict
+            self._extra_holder.clear()
+            self._extra_holder.update(copy.deepcopy(extra))
         return sd
+
+    # [note: checkpoints through ZeroRedundancyOptimizer]
+    # ZeRO's consolidate_state_dict() calls this optimizer's state_dict() on every rank, but its
+    # own state_dict() keeps only the per-parameter "state" of those and takes the parameter
+    # groups from its own copies, which it syncs from this optimizer's groups; its
+    # load_state_dict() assigns this optimizer's per-parameter state directly and syncs the
+    # saved groups back, without calling load_state_dict() here. So, with sharded=True and
+    # plain parameters, every group carries the key "elra": one dict that state_dict() refreshes
+    # in place (ZeRO's groups hold the same dict, so its consolidated state has the scalars),
+    # and a call that finds another dict there, or the per-parameter state replaced, loads
+    # what it finds through load_state_dict() (_adopt_external_load).
+    def _adopt_external_load(self) -> None:
+        groups = self.param_groups
+        held = groups[0].get("elra") if groups else None
+        replaced = self._first_state is not None and \
+            self.state.get(self._first_state[0]) is not self._first_state[1]
+        if not replaced and (held is self._extra_holder or held is self._adopted_holder):
+            if held is not self._extra_holder:  # ZeRO synced an adopted dict back: ours again,
+                for g in groups:  # so that ZeRO takes ours after this step
+                    g["elra"] = self._extra_holder
+            return
+        if not isinstance(held, dict) or held is self._extra_holder or not held:
+            raise RuntimeError("the optimizer's per-parameter state was replaced without ELRA's "
+                               "scalars (the 'elra' entry of the parameter groups): load a "
+                               "state saved by ElraOptimizer (or ZeroRedundancyOptimizer "
+                               "around it) with load_state_dict")
+        params = [p for g in groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        trainable = {id(p) for _, p in self._trainable()}
+        sd = {"state": {index[id(p)]: dict(self.state[p]) for p in params
+                        if id(p) in trainable and p in self.state},
+              "param_groups": [dict(g, params=[index[id(p)] for p in g["params"]])
+                               for g in groups]}
+        self.load_state_dict(sd)
+        self._adopted_holder = held
+        for g in groups:
+            g["elra"] = self._extra_holder
+        logger.info("elra: adopted a state loaded from outside (ZeroRedundancyOptimizer)")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`.
@@ -685,10 +933,17 @@ class ElraOptimizer(torch.optim.Optimizer):
                 raise ValueError("the state holds state for a parameter that is frozen here: "
                                  "the parameter layout differs")
             for name, t in entry.items():
-                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                if not isinstance(t, torch.Tensor) or not _state_fits(t, p):
                     raise ValueError(f"state '{name}' of a parameter has shape "
                                      f"{tuple(getattr(t, 'shape', ()))}, the parameter has "
                                      f"{tuple(p.shape)}")
+        if int(extra.get("engine", {}).get("collected_count", 0)) > 0 and \
+                not any("collected" in e for e in saved_state.values()):
+            raise ValueError("the state was saved in the middle of a gradient collection but "
+                             "holds no collected gradient: when loading through a template "
+                             "(torch.distributed.checkpoint), build the optimizer with the "
+                             f"checkpoint's collects={control.collects} so that the template "
+                             "has the collection buffer")
         saved_ids = {id(index[sid]) for sid in saved_state}
         if saved_ids != trainable:
             raise ValueError(f"the state covers {len(saved_ids)} trainable parameters, this "
@@ -714,10 +969,14 @@ class ElraOptimizer(torch.optim.Optimizer):
             mine["weight_decay"] = wd
         self._booster = booster
         self._engine = engine
-        if any("collected" in e for e in saved_state.values()):
+        if any("collected" in e for e in saved_state.values()) or control.collects > 1:
             engine.ensure_collection()
             engine.collected_count = int(extra["engine"]["collected_count"])
         self._losses = [float(v) for v in extra.get("collected_losses", [])]
+        rec = extra.get("recorded_loss", [0.0, 0])
+        self._recorded = [float(rec[0]), int(rec[1])]
+        pend = extra.get("pending_losses", [None, None])
+        self._pending_valid, self._pending_train = (None if v is None else float(v) for v in pend)
         self._shown_lr = float(extra.get("shown_lr", self._shown_lr))
         self.last_outcome = str(extra.get("last_outcome", "none"))
         self._refresh_state_views()
@@ -725,9 +984,29 @@ class ElraOptimizer(torch.optim.Optimizer):
             p = index[sid]
             for name, t in entry.items():
                 if name in self.state[p]:
-                    self.state[p][name].copy_(t)
+                    self.state[p][name].copy_(local_tensor(t) if is_dtensor(t) else t)
         for g in self.param_groups:
             g["lr"] = self._shown_lr
+
+
+def _state_fits(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """A saved state tensor fits a parameter: same shape; for a DTensor parameter a DTensor of
+    its shape whose local shard matches, or a plain tensor of the local shard's shape."""
+    if not is_dtensor(p):
+        return t.shape == p.shape and not is_dtensor(t)
+    if is_dtensor(t):
+        return t.shape == p.shape and local_tensor(t).shape == local_tensor(p).shape
+    return t.shape == local_tensor(p).shape
+
+
+def _local_ptr(p: torch.Tensor) -> int:
+    return local_tensor(p).data_ptr()
+
+
+def _distributed_single_rank() -> bool:
+    """torch.distributed is initialised with one rank: nothing to sum over."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() == 1
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:

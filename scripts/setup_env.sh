@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up ./.venv with torch (CPU build 2.13.0 unless ELRA_TORCH says otherwise), the test and
-# benchmark dependencies, and elra itself (editable, built against the installed torch).
+# benchmark dependencies, the training frameworks the tests run ELRA under (requirements-dist.txt:
+# Lightning, accelerate; installed after torch, they keep it), and elra itself (editable, built
+# against the installed torch).
 # Idempotent: a second run only re-installs elra. Meant to be sourced by bench.sh / test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,12 +17,14 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # pip, without the notes about missing local package folders; pip's own exit status is kept
 pipq() { "${PIP[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 stamp="$VENV/.elra-deps"
-want="$TORCH_SPEC $(cat "$ROOT/requirements-dev.txt" | sha1sum | cut -c1-12)"
+want="$TORCH_SPEC $(cat "$ROOT/requirements-dev.txt" "$ROOT/requirements-dist.txt" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing $TORCH_SPEC and the dev requirements"
+  echo "[setup] installing $TORCH_SPEC, the dev requirements and the test frameworks"
   pipq install "$TORCH_SPEC"
   pipq install -r "$ROOT/requirements-dev.txt"
-  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest"
+  # the frameworks must not replace the pinned torch (a CUDA build would be several GB)
+  pipq install -r "$ROOT/requirements-dist.txt" "$TORCH_SPEC"
+  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest, lightning, accelerate"
   echo "$want" > "$stamp"
 fi
 echo "[setup] installing elra (editable, native kernels built against the installed torch)"

@@ -1,7 +1,10 @@
 """Shared helpers: small problems with known answers."""
 
+import contextlib
+import importlib
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -45,11 +48,54 @@ def mlp(seed=0, hidden=128):
                                torch.nn.Linear(hidden, 10))
 
 
-def train_digits(X, y, make_opt, seed=0, epochs=20, batch=32, model=None, dtype=torch.float32):
-    """Train the 64-128-10 MLP on a 1400/397 split; return (train loss, test accuracy, model, opt)."""
+DIGITS_SEEDS = (0, 1, 2)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread: small networks train several times faster so (much more on a
+    busy machine), with the same results (checked bit for bit on the digits anchor)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def digits_anchor_optimizer(model):
+    """The optimizer of the digits anchor (ELRA_ALGORITHM.md): stochastic, lr=1e-4, warmup=10."""
+    return ElraOptimizer(model.parameters(), lr=1e-4, warmup=10, regime="stochastic", classes=10)
+
+
+@pytest.fixture(scope="session")
+def digits_anchor(digits):
+    """The hand-written digits loop with the anchor's optimizer, seeds 0-2 (trained once)."""
+    X, y = digits
+    with one_thread():
+        return [train_digits(X, y, digits_anchor_optimizer, seed=s) for s in DIGITS_SEEDS]
+
+
+def digits_split(X, y, seed):
+    """The 1400/397 split of :func:`train_digits` and the generator it continues with
+    (each epoch draws its batch order from it)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(X), generator=g)
-    Xtr, ytr, Xte, yte = X[perm[:1400]], y[perm[:1400]], X[perm[1400:]], y[perm[1400:]]
+    return X[perm[:1400]], y[perm[:1400]], X[perm[1400:]], y[perm[1400:]], g
+
+
+def require(module: str):
+    """Import a test extra (requirements-dist.txt): skipped where it is not installed, but a
+    failure in CI, where scripts/setup_env.sh installs it."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is a test extra: "
+                               "pip install -r requirements-dist.txt")
+
+
+def train_digits(X, y, make_opt, seed=0, epochs=20, batch=32, model=None, dtype=torch.float32):
+    """Train the 64-128-10 MLP on a 1400/397 split; return (train loss, test accuracy, model, opt)."""
+    Xtr, ytr, Xte, yte, g = digits_split(X, y, seed)
     model = model if model is not None else mlp(seed)
     model = model.to(dtype)
     opt = make_opt(model)

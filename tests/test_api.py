@@ -149,15 +149,6 @@ def test_groups_on_different_devices_are_fine():
 
 
 # --- the loss argument --------------------------------------------------------------------------
-def test_step_without_loss_names_the_ways():
-    p, opt = quad_setup()
-    ((p - 1) ** 2).sum().backward()
-    with pytest.raises(TypeError) as e:
-        opt.step()
-    for word in ("step(loss)", "closure", "ElraGradScaler"):
-        assert word in str(e.value)
-
-
 @pytest.mark.parametrize("loss,err", [("1.0", TypeError), (b"1", TypeError), (True, TypeError),
                                       (torch.ones(3), ValueError), ([1.0], TypeError),
                                       (torch.ones(1, dtype=torch.complex64), TypeError)])

@@ -1,5 +1,7 @@
-"""The seed's examples 1-3 (examples/) run as users run them: a fresh interpreter, offline."""
+"""The examples (examples/) run as users run them: a fresh interpreter, offline; the seed's
+examples 1-3, and examples 4-8 (DDP, ZeRO, FSDP2 on two gloo processes, Lightning, accelerate)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -7,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run(script, *args):
+def run(script, *args, threads=None):
+    env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                         text=True, timeout=300, cwd=EXAMPLES.parent)
+                         text=True, timeout=300, cwd=EXAMPLES.parent, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -39,3 +44,40 @@ def test_example3_grad_scaler(dtype):
     assert "all finite: True" in out, out[-800:]
     acc = float(re.search(r"test accuracy ([0-9.]+)\s*$", out.strip()).group(1))
     assert acc > 0.85, out[-800:]
+
+
+# --- distributed training and training frameworks (examples 4-8) -----------------------------------
+def accuracy(out):
+    return float(re.search(r"test accuracy ([0-9.]+)\s*$", out.strip()).group(1))
+
+
+def test_example4_ddp():
+    out = run("example4_ddp.py", "--epochs", "2")
+    assert "parameters bitwise equal on all ranks: True" in out, out[-800:]
+    assert "process group of 2" in out and accuracy(out) > 0.85, out[-800:]
+
+
+def test_example5_zero():
+    out = run("example5_zero.py", "--epochs", "2")
+    assert out.count("(sharded=True)") == 2, out[-800:]
+    assert "the checkpoint restored 88 steps" in out and accuracy(out) > 0.85, out[-800:]
+
+
+def test_example6_fsdp2():
+    out = run("example6_fsdp2.py", "--epochs", "2")
+    assert "parameters equal True, step length equal True" in out, out[-800:]
+    assert out.count("sharded=True") == 2 and accuracy(out) > 0.85, out[-800:]
+
+
+def test_example7_lightning():  # bf16-mixed: tests/test_frameworks.py
+    require("lightning")
+    out = run("example7_lightning.py", "--epochs", "2", threads=1)  # (a small network)
+    logged = re.search(r"(\d+) step lengths logged by LearningRateMonitor", out)
+    assert logged and int(logged.group(1)) >= 8, out[-800:]
+    assert accuracy(out) > 0.85, out[-800:]
+
+
+def test_example8_accelerate():
+    require("accelerate")
+    out = run("example8_accelerate.py", "--epochs", "2", "--accumulate", "2", threads=1)
+    assert "accumulation 2: 44 calls of ELRA's step" in out and accuracy(out) > 0.8, out[-800:]
