@@ -56,11 +56,11 @@ from convergence_problems import PROBLEMS, Problem
 # Learning rates of Adam and SGD in --quick: the winners of the full run's sweep (benchmarks/results)
 QUICK_LR = {
     "rosenbrock": {"Adam": 1e-1, "SGD": 1e-3},
-    "polyfit": {"Adam": 1e-1, "SGD": 1e-5},
+    "polyfit": {"Adam": 1e-1, "SGD": 3e-6},
     "quadratic": {"Adam": 1e-2, "SGD": 0.01},
     "digits": {"Adam": 3e-3, "SGD": 0.1},
-    "mnist1d": {"Adam": 3e-3, "SGD": 0.1},
-    "bytelm": {"Adam": 3e-3, "SGD": 0.3},
+    "mnist1d": {"Adam": 3e-3, "SGD": 0.03},
+    "bytelm": {"Adam": 1e-2, "SGD": 0.3},
 }
 
 # family -> (python package that provides it, description of the setting)
