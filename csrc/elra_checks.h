@@ -82,6 +82,16 @@ inline void check_finalize(const at::Tensor& red, const at::Tensor& scal, const 
   check_doubles(red, "red", static_cast<int64_t>(nseg) * RED_WIDTH);
 }
 
+// The scalar slots and the per-segment coefficients of update and fixup; returns ``nseg``.
+inline int check_scal_coef(const at::Tensor& scal, const at::Tensor& coef, int nseg,
+                           at::Device device) {
+  check_on(scal, "scal", device);
+  check_on(coef, "coef", device);
+  check_doubles(scal, "scal", NUM_SLOTS);
+  check_doubles(coef, "coef", nseg);
+  return nseg;
+}
+
 inline int check_update(const at::Tensor& x, const at::Tensor& d, const at::Tensor& g,
                         const std::optional<at::Tensor>& xg, const at::Tensor& scal,
                         const at::Tensor& coef, at::IntArrayRef bounds) {
@@ -89,12 +99,7 @@ inline int check_update(const at::Tensor& x, const at::Tensor& d, const at::Tens
     check_buffers({{&x, "x"}, {&d, "d"}, {&g, "g"}, {&*xg, "xg"}});
   else
     check_buffers({{&x, "x"}, {&d, "d"}, {&g, "g"}});
-  const int nseg = check_bounds(bounds, x.numel());
-  check_on(scal, "scal", x.device());
-  check_on(coef, "coef", x.device());
-  check_doubles(scal, "scal", NUM_SLOTS);
-  check_doubles(coef, "coef", nseg);
-  return nseg;
+  return check_scal_coef(scal, coef, check_bounds(bounds, x.numel()), x.device());
 }
 
 inline int check_step_fused(const at::Tensor& x, const at::Tensor& dp, const at::Tensor& dn,
@@ -117,12 +122,7 @@ inline int check_fixup(const at::Tensor& x, const at::Tensor& dp, const at::Tens
                        const at::Tensor& g, const at::Tensor& scal, const at::Tensor& coef,
                        at::IntArrayRef bounds) {
   check_buffers({{&x, "x"}, {&dp, "d_prev"}, {&dn, "d_new"}, {&g, "g"}});
-  const int nseg = check_bounds(bounds, x.numel());
-  check_on(scal, "scal", x.device());
-  check_on(coef, "coef", x.device());
-  check_doubles(scal, "scal", NUM_SLOTS);
-  check_doubles(coef, "coef", nseg);
-  return nseg;
+  return check_scal_coef(scal, coef, check_bounds(bounds, x.numel()), x.device());
 }
 
 }  // namespace elra
