@@ -73,13 +73,45 @@ inline void check_collect(const at::Tensor& coll, const at::Tensor& g, const at:
   check_doubles(scal, "scal", NUM_SLOTS);
 }
 
-inline void check_finalize(const at::Tensor& red, const at::Tensor& scal, const at::Tensor& coef,
-                           size_t nseg) {
+// finalize's checks, and its named arguments as the FinalizeParams of elra_math.h (shared, so
+// that both devices read a call the same way). The number of segments is that of `red`'s rows;
+// `wd` has one entry per segment, or none for no weight decay.
+inline FinalizeParams finalize_params(const at::Tensor& red, const at::Tensor& scal,
+                                      const at::Tensor& coef, int64_t kind,
+                                      at::ArrayRef<double> wd, double growth, double lr_schedule,
+                                      double lr_warmup, double inv, double momentum, double f,
+                                      double f_last, double spec, bool stochastic, bool half,
+                                      bool keep_copy) {
   check_on(red, "red", scal.device());
   check_on(coef, "coef", scal.device());
   check_doubles(scal, "scal", NUM_SLOTS);
-  check_doubles(coef, "coef", static_cast<int64_t>(nseg));
-  check_doubles(red, "red", static_cast<int64_t>(nseg) * RED_WIDTH);
+  TORCH_CHECK(red.scalar_type() == at::kDouble && red.dim() == 1 && red.is_contiguous() &&
+                  red.numel() > 0 && red.numel() % RED_WIDTH == 0 &&
+                  red.numel() <= static_cast<int64_t>(MAX_SEGMENTS) * RED_WIDTH,
+              "elra: red must be a contiguous float64 tensor of nseg * ", RED_WIDTH,
+              " elements (1 <= nseg <= ", MAX_SEGMENTS, "), got ", red.numel());
+  const int nseg = static_cast<int>(red.numel() / RED_WIDTH);
+  check_doubles(coef, "coef", nseg);
+  TORCH_CHECK(wd.empty() || wd.size() == static_cast<size_t>(nseg), "elra: wd needs one entry "
+              "per segment (or none), got ", wd.size(), " for ", nseg, " segments");
+  TORCH_CHECK(kind >= KIND_FIRST && kind <= KIND_ACCEPT_FUSED, "elra: unknown kind ", kind);
+  FinalizeParams p{};
+  p.growth = growth;
+  p.lr_schedule = lr_schedule;
+  p.lr_warmup = lr_warmup;
+  p.inv = inv;
+  p.momentum = momentum;
+  p.f = f;
+  p.f_last = f_last;
+  p.stochastic = stochastic;
+  p.kind = static_cast<int>(kind);
+  p.with_x = !wd.empty();
+  p.half = half;
+  p.keep_copy = keep_copy;
+  p.spec = spec;
+  p.nseg = nseg;
+  for (int k = 0; k < nseg; ++k) p.wd[k] = wd.empty() ? 0.0 : wd[k];
+  return p;
 }
 
 // The scalar slots and the per-segment coefficients of update and fixup; returns ``nseg``.

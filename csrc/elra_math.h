@@ -1,14 +1,12 @@
 // elra_math.h: the scalar and element-wise math of ELRA, shared by the CPU and CUDA kernels.
 //
 // Plain C++ with no torch (or CUDA runtime) headers, so that a .cu file including it compiles
-// with nothing but nvcc. Everything here is a pure function of its arguments; the Python module
-// elra/stepsize.py is the ground truth these functions are tested against.
+// with nothing but nvcc. Everything here is a pure function of its arguments; the kernels built
+// on it are tested against the pure-torch kernels (elra/kernels_torch.py) and, on whole
+// trajectories, against the reference implementation (elra/_reference.py).
 //
-// [note: the scalar slots]
-// The engine keeps its scalar state in one float64 tensor on the parameters' device. The step-size
-// update (finalize) reads the reductions and the host's inputs and rewrites the slots; the
-// element-wise update kernel then reads its mode and step sizes from the same tensor, so a normal
-// step needs no host round trip.
+// The scalar slots, status/mode/kind codes and constants: elra_contract.h, generated from
+// elra/_contract.py ([note: the scalar slots] there).
 //
 // [note: the one-pass stochastic step]
 // In the stochastic regime the step applied is lr = max(1e-5, min(lr_schedule, lr_warmup)), known
@@ -36,6 +34,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "elra_contract.h"
+
 #if defined(__CUDACC__)
 #define ELRA_HD __host__ __device__ __forceinline__
 #else
@@ -43,56 +43,6 @@
 #endif
 
 namespace elra {
-
-// --- scalar slots of the state tensor -----------------------------------------------------------
-enum Slot : int {
-  ALPHA = 0,       // alpha: estimate of the ideal step along the gradient
-  LR = 1,          // lr: the damped, scheduled step (stochastic regime)
-  STEP = 2,        // step size last applied along the direction
-  MEAN_ANGLE = 3,  // window sum of min(0, alpha * S)
-  MIN_ANGLE = 4,   // window minimum of alpha * S
-  NORM_SUM = 5,    // window sum of |p|
-  DIR_SQ = 6,      // |d|^2 of the stored direction
-  DIR_SCALE = 7,   // p = DIR_SCALE * d
-  GNA = 8,         // grad_norm_avg (set by the host at windows, by the first step before)
-  STATUS = 9,      // outcome of the last call, see Status
-  MODE = 10,       // what the update kernel does, see Mode
-  MOVE_S = 11,     // step size of the update kernel
-  MOVE_T = 12,     // second step size (algebraic retrace: x += (MOVE_T - MOVE_S) d)
-  INV = 13,        // factor undoing loss scaling, for the update kernel
-  GRAD_SQ = 14,    // |inv * g|^2 of the last reduction or collection
-  APPLIED = 15,    // x = x_good - APPLIED * d: the multiple of the stored direction now applied
-  HAS_POINT = 16,  // 1 once there is a point to retrace to (see set_retrace)
-  CLIPPED = 17,    // 1 if the last accepted step was shortened by the clip
-  XX_CACHE = 18,   // |x|^2 of the current x after an accepted step with weight decay, else -1
-  NUM_SLOTS = 24
-};
-
-enum Status : int { ST_OK = 0, ST_RETRACE = 1, ST_BAD_GRADIENT = 2, ST_NONE = 3 };
-enum Mode : int {
-  MODE_NONE = 0,
-  MODE_STEP = 1,
-  MODE_RETRACE_COPY = 2,
-  MODE_RETRACE_ALGEBRAIC = 3,
-  MODE_SHIFT = 4,         // fixup after step_fused: x += MOVE_S d_new (the clip)
-  MODE_UNDO_RETRACE = 5,  // fixup: x += MOVE_S d_new where g is finite, x += MOVE_T d_prev,
-                          // d_new <- d_prev (a non-finite gradient)
-  MODE_REDO = 6,          // fixup: x_old = x + MOVE_S d_new, d_new += (1 - b) dc x_old (dc per
-                          // segment, in coef), x = x_old - MOVE_T d_new (a stale kappa)
-};
-
-// --- constants (names as in elra/control.py and elra/stepsize.py) -------------------------------
-constexpr double CLIP = 10.0;
-constexpr double LR_MIN = 1e-5;
-constexpr double ALPHA_MIN = 1e-8;
-constexpr double ALPHA_MAX = 1e6;
-constexpr double RETRACE_ALPHA_MIN = 1e-12;
-constexpr double ANGLE_CAP = -0.1;
-constexpr double RETRACE_FALLBACK_SHRINK = 0.01;
-constexpr double HALF_GRAD_NORM_LIMIT = 65e3;
-constexpr double KAPPA_TOLERANCE = 1e-4;  // relative; see [note: weight decay in one pass]
-constexpr int MAX_SEGMENTS = 64;
-constexpr int RED_WIDTH = 5;  // per segment: <g,d>, |g|^2, <x,d>, <g,x>, |x|^2
 
 // What the host passes to finalize (all known on the host without reading the device).
 struct FinalizeParams {
@@ -104,7 +54,7 @@ struct FinalizeParams {
   double f;            // loss of this call (for the deterministic retrace parabola)
   double f_last;       // loss of the last accepted point
   int stochastic;      // regime
-  int kind;            // KIND_* below
+  int kind;            // KIND_* (elra_contract.h)
   int with_x;          // weight decay active: reductions hold the x terms
   int half;            // half-precision buffer: the 65e3 gradient-norm limit applies
   int keep_copy;       // a retrace-point copy exists
@@ -112,8 +62,6 @@ struct FinalizeParams {
   int nseg;            // segments
   double wd[MAX_SEGMENTS];  // per segment weight-decay base (times kappa = gna / |x|)
 };
-
-enum Kind : int { KIND_FIRST = 0, KIND_ACCEPT = 1, KIND_RETRACE = 2, KIND_ACCEPT_FUSED = 3 };
 
 template <typename V>
 ELRA_HD bool finite(V v) {
@@ -205,8 +153,8 @@ ELRA_HD void set_retrace_fused(double* s, const FinalizeParams& p) {
 }
 
 // The step-size update of one call, from the reductions `red` (nseg x RED_WIDTH, raw gradient)
-// into the slots `s` and the per-segment decay coefficients `coef`. Mirrors the pure-torch
-// engine: TorchEngine.reduce / apply / first_step / retrace in elra/engine.py.
+// into the slots `s` and the per-segment decay coefficients `coef`. The pure-torch kernel of the
+// op (finalize in elra/kernels_torch.py) is the same function, written again in Python.
 ELRA_HD void finalize(const double* red, double* s, double* coef, const FinalizeParams& p) {
   for (int k = 0; k < p.nseg; ++k) coef[k] = 0.0;
   s[INV] = p.inv;

@@ -1,4 +1,7 @@
-// elra_ops.cpp: the elra:: operator schemas, the CPU kernels, and the Python module elra._C.
+// elra_ops.cpp: the CPU kernels of the elra:: operators, and the Python module elra._C.
+//
+// The op schemas are declared once, in elra/_ops.py (importing elra._C registers these kernels
+// for them); the numbers both sides agree on are in elra_contract.h (from elra/_contract.py).
 //
 // [note: passes over memory]
 // A normal stochastic step is one pass (step_fused; [note: the one-pass stochastic step] in
@@ -425,36 +428,13 @@ void collect_cpu(at::Tensor& coll, const at::Tensor& g, double weight, double in
   s[STATUS] = ok ? ST_OK : ST_BAD_GRADIENT;
 }
 
-}  // namespace
-
-FinalizeParams make_params(at::ArrayRef<double> params, at::ArrayRef<double> wd) {
-  TORCH_CHECK(params.size() == 13, "elra: finalize expects 13 parameters, got ", params.size());
-  TORCH_CHECK(wd.size() <= static_cast<size_t>(MAX_SEGMENTS), "elra: too many segments");
-  FinalizeParams p{};
-  p.growth = params[0];
-  p.lr_schedule = params[1];
-  p.lr_warmup = params[2];
-  p.inv = params[3];
-  p.momentum = params[4];
-  p.f = params[5];
-  p.f_last = params[6];
-  p.stochastic = static_cast<int>(params[7]);
-  p.kind = static_cast<int>(params[8]);
-  p.with_x = static_cast<int>(params[9]);
-  p.half = static_cast<int>(params[10]);
-  p.keep_copy = static_cast<int>(params[11]);
-  p.spec = params[12];
-  p.nseg = static_cast<int>(wd.size());
-  for (size_t k = 0; k < wd.size(); ++k) p.wd[k] = wd[k];
-  return p;
-}
-
-namespace {
-
-void finalize_cpu(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef,
-                  at::ArrayRef<double> params, at::ArrayRef<double> wd) {
-  check_finalize(red, scal, coef, wd.size());
-  const FinalizeParams p = make_params(params, wd);
+void finalize_cpu(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef, int64_t kind,
+                  at::ArrayRef<double> wd, double growth, double lr_schedule, double lr_warmup,
+                  double inv, double momentum, double f, double f_last, double spec,
+                  bool stochastic, bool half, bool keep_copy) {
+  const FinalizeParams p = finalize_params(red, scal, coef, kind, wd, growth, lr_schedule,
+                                           lr_warmup, inv, momentum, f, f_last, spec, stochastic,
+                                           half, keep_copy);
   finalize(red.data_ptr<double>(), scal.data_ptr<double>(), coef.data_ptr<double>(), p);
 }
 
@@ -662,19 +642,7 @@ void update_cpu(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
 }  // namespace
 }  // namespace elra
 
-TORCH_LIBRARY(elra, m) {
-  m.def("reduce(Tensor g, Tensor d, Tensor x, int[] bounds, bool with_x, Tensor(a!) out) -> ()");
-  m.def("collect(Tensor(a!) coll, Tensor g, float weight, float inv, bool first, bool half, "
-        "Tensor(b!) scal) -> ()");
-  m.def("finalize(Tensor red, Tensor(a!) scal, Tensor(b!) coef, float[] params, float[] wd) -> ()");
-  m.def("update(Tensor(a!) x, Tensor(b!) d, Tensor g, Tensor(c!)? xg, Tensor scal, Tensor coef, "
-        "int[] bounds, float momentum) -> ()");
-  m.def("step_fused(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal, "
-        "int[] bounds, float inv, float momentum, float step, float[] wd, Tensor(c!) out) -> ()");
-  m.def("fixup(Tensor(a!) x, Tensor d_prev, Tensor(b!) d_new, Tensor g, Tensor scal, "
-        "Tensor coef, int[] bounds, float momentum) -> ()");
-}
-
+// The schemas are declared in Python (elra/_ops.py), which loads this module after them.
 TORCH_LIBRARY_IMPL(elra, CPU, m) {
   m.impl("reduce", &elra::reduce_cpu);
   m.impl("collect", &elra::collect_cpu);

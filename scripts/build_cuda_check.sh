@@ -86,7 +86,7 @@ cd /tmp  # not the repository: the import must come from the scratch build
 "$VENV/bin/python" - <<'EOF'
 import os, torch
 import elra
-from elra import _native
+from elra import _ops
 import elra._C as C
 
 print(f"elra from {os.path.dirname(elra.__file__)}")
@@ -99,7 +99,7 @@ for op in ("reduce", "collect", "finalize", "update", "step_fused", "fixup"):
     cpu, cuda = has(f"elra::{op}", "CPU"), has(f"elra::{op}", "CUDA")
     ok = ok and cpu and cuda
     print(f"elra::{op:9s} CPU kernel: {cpu}  CUDA kernel: {cuda}")
-print("native_status:", _native.native_status())
+print("native_status:", _ops.native_status())
 if not ok:
     raise SystemExit("some elra:: kernels are missing")
 EOF

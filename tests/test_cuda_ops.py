@@ -38,11 +38,9 @@ HALF = (torch.float16, torch.bfloat16)
 # sums: relative to the sum of the absolute values of the terms (half types sum in float32)
 SUM_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 SIZES = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 255, 1000, 4097, 16385, 100003]
-# slots and codes of csrc/elra_math.h
-ALPHA, LR, STEP, MEAN_ANGLE, MIN_ANGLE, NORM_SUM, DIR_SQ, DIR_SCALE, GNA, STATUS = range(10)
-MODE, MOVE_S, MOVE_T, INV, GRAD_SQ, APPLIED, HAS_POINT, NUM_SLOTS = 10, 11, 12, 13, 14, 15, 16, 24
-ST_OK, ST_BAD_GRADIENT = 0, 2
-MAX_SEGMENTS = 64
+from elra._contract import (ALPHA, DIR_SCALE, DIR_SQ, GNA, GRAD_SQ, INV, KIND_ACCEPT, LR,  # noqa: E402
+                            MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE, MOVE_S, MOVE_T, NORM_SUM,
+                            NUM_SLOTS, ST_BAD_GRADIENT, ST_OK, STATUS, STEP, XX_CACHE)
 
 
 def ops():
@@ -215,33 +213,28 @@ def finalize_case(rng, nseg):
     scal[DIR_SCALE] = rng.choice([1.0, 0.7, -0.3])
     scal[GNA] = rng.choice([0.0, 1.5])
     scal[STATUS], scal[MODE] = 3, 1
-    params = [rng.choice([1.3, 3.0]),            # growth
-              rng.uniform(1e-6, 0.5),            # lr_schedule
-              rng.uniform(1e-6, 0.5),            # lr_warmup
-              rng.choice([1.0, 0.5, 2.0 ** -10]),  # inv
-              rng.choice([0.0, 0.9]),            # momentum
-              rng.normal(), rng.normal(),        # f, f_last
-              float(rng.integers(2)),            # stochastic
-              float(rng.integers(4)),            # kind (3: after step_fused)
-              float(rng.integers(2)),            # with_x
-              float(rng.integers(2)),            # half
-              float(rng.integers(2)),            # keep_copy
-              rng.uniform(1e-5, 0.5)]            # spec: the step step_fused applied
-    wd = [float(v) for v in rng.choice([0.0, 1e-4, 1e-2], size=nseg)]
-    return red.ravel(), scal, params, wd
+    kind = int(rng.integers(4))  # KIND_*; 3: after step_fused
+    wd = [float(v) for v in rng.choice([0.0, 1e-4, 1e-2], size=nseg)] if rng.integers(2) else []
+    params = dict(growth=float(rng.choice([1.3, 3.0])), lr_schedule=rng.uniform(1e-6, 0.5),
+                  lr_warmup=rng.uniform(1e-6, 0.5), inv=float(rng.choice([1.0, 0.5, 2.0 ** -10])),
+                  momentum=float(rng.choice([0.0, 0.9])), f=rng.normal(), f_last=rng.normal(),
+                  spec=rng.uniform(1e-5, 0.5),  # the step step_fused applied
+                  stochastic=bool(rng.integers(2)), half=bool(rng.integers(2)),
+                  keep_copy=bool(rng.integers(2)))
+    return red.ravel(), scal, kind, wd, params
 
 
 def test_finalize_matches_cpu():
     rng = np.random.default_rng(11)
     for case in range(300):
         nseg = int(rng.choice([1, 2, 5, MAX_SEGMENTS]))
-        red, scal, params, wd = finalize_case(rng, nseg)
+        red, scal, kind, wd, params = finalize_case(rng, nseg)
         tensors = {}
         for dev in ("cpu", "cuda"):
             r = torch.tensor(red, dtype=torch.float64, device=dev)
             s = torch.tensor(scal, dtype=torch.float64, device=dev)
             c = torch.full((nseg,), math.nan, dtype=torch.float64, device=dev)
-            ops().finalize(r, s, c, params, wd)
+            ops().finalize(r, s, c, kind, wd, **params)
             tensors[dev] = (s.cpu(), c.cpu())
         for cpu, gpu, what in zip(tensors["cpu"], tensors["cuda"], ("slots", "coef")):
             torch.testing.assert_close(gpu, cpu, rtol=1e-10, atol=1e-13, equal_nan=True,
@@ -311,7 +304,7 @@ def check_fused(seg, dtype, momentum, seed, mixed, bad=False, decay=False):
     dn = torch.full((n,), math.nan, dtype=dtype)
     X, DP, DN, G = (to_gpu(t, o) for t, o in zip((x, dp, dn, g), offsets(rng, 4, mixed)))
     scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
-    scal[GNA], scal[18] = 1.5, 3.0 + n  # XX_CACHE
+    scal[GNA], scal[XX_CACHE] = 1.5, 3.0 + n
     wd = [float(v) for v in rng.choice([0.0, 1e-3, 2e-2], size=len(seg))] if decay else []
     out_cpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
     out_gpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64, device="cuda")
@@ -372,14 +365,14 @@ def test_opcheck_all_ops_on_cuda():
     scal[ALPHA], scal[LR], scal[DIR_SCALE] = 0.1, 0.1, 1.0
     red = torch.zeros(10, dtype=torch.float64, device="cuda")
     coef = torch.zeros(2, dtype=torch.float64, device="cuda")
-    params = [1.0, 0.4, 3.0, 1.0, 0.0, 1.0, 1.0, 1, 1, 1, 0, 0, 0.0]
     opcheck(ops().reduce.default, (g, d, x, [0, 20, 37], True, red))
-    opcheck(ops().finalize.default, (red, scal, coef, params, [0.01, 0.0]))
+    opcheck(ops().finalize.default, (red, scal, coef, KIND_ACCEPT, [0.01, 0.0], 1.0, 0.4, 3.0,
+                                     1.0, 0.0, 1.0, 1.0, 0.0, True, False, False))
     opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
     opcheck(ops().collect.default, (torch.zeros(37, device="cuda"), g, 0.5, 1.0, True, False,
                                     scal))
     dn = torch.zeros(37, device="cuda")
-    scal[GNA], scal[18] = 1.5, 40.0  # XX_CACHE
+    scal[GNA], scal[XX_CACHE] = 1.5, 40.0
     opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.0, 0.3, [], red))
     opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.5, 0.3,
                                        [0.01, 0.0], red))
@@ -418,7 +411,7 @@ def _train(device, steps=150, nan_at=(40, 41, 90)):
                                 torch.nn.Linear(32, 2)).to(device)
     opt = elra.ElraOptimizer(model.parameters(), regime="stochastic", classes=2, warmup=10,
                              lr=1e-4, momentum=0.5, weight_decay=1e-3, engine="native")
-    opt._engine.defer = False  # read each outcome at once, so that the outcome lists compare
+    opt._stepper.engine.defer = False  # outcomes read at once, so that the outcome lists compare
     gen = torch.Generator().manual_seed(1)
     lf = torch.nn.CrossEntropyLoss()
     losses, outcomes = [], []

@@ -1,4 +1,5 @@
-// elra_cuda.cu: the CUDA kernels of the elra:: operators (reduce, collect, finalize, update).
+// elra_cuda.cu: the CUDA kernels of the elra:: operators (reduce, collect, finalize, update,
+// step_fused, fixup).
 //
 // Compiles with plain nvcc: no torch, ATen or c10 headers (the torch glue is elra_cuda_glue.cpp).
 // The scalar and element-wise math is the one of ../elra_math.h, shared with the CPU kernels of

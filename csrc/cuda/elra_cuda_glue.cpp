@@ -1,4 +1,4 @@
-// elra_cuda_glue.cpp: the CUDA implementations of the elra:: operators (schemas: ../elra_ops.cpp).
+// elra_cuda_glue.cpp: the CUDA implementations of the elra:: operators (schemas: elra/_ops.py).
 //
 // Checks the tensors as the CPU kernels do (plus their device), allocates the reduction
 // workspace, and calls the launchers of elra_cuda.cu on the current stream. Nothing here waits
@@ -19,11 +19,6 @@
 #include "elra_cuda.h"
 
 namespace elra {
-
-// ../elra_ops.cpp: finalize's parameter list -> FinalizeParams (shared, so both devices parse
-// the list the same way).
-FinalizeParams make_params(at::ArrayRef<double> params, at::ArrayRef<double> wd);
-
 namespace cuda {
 namespace {
 
@@ -89,13 +84,15 @@ void collect_cuda(at::Tensor& coll, const at::Tensor& g, double weight, double i
                                 half, scal.data_ptr<double>(), work.data_ptr(), bytes, stream()));
 }
 
-void finalize_cuda(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef,
-                   at::ArrayRef<double> params, at::ArrayRef<double> wd) {
-  check_finalize(red, scal, coef, wd.size());
+void finalize_cuda(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef, int64_t kind,
+                   at::ArrayRef<double> wd, double growth, double lr_schedule, double lr_warmup,
+                   double inv, double momentum, double f, double f_last, double spec,
+                   bool stochastic, bool half, bool keep_copy) {
+  const FinalizeParams p = finalize_params(red, scal, coef, kind, wd, growth, lr_schedule,
+                                           lr_warmup, inv, momentum, f, f_last, spec, stochastic,
+                                           half, keep_copy);
   check_cuda(scal);
-  const at::Device dev = scal.device();
-  const FinalizeParams p = make_params(params, wd);
-  const c10::cuda::CUDAGuard guard(dev);
+  const c10::cuda::CUDAGuard guard(scal.device());
   C10_CUDA_CHECK(launch_finalize(red.data_ptr<double>(), scal.data_ptr<double>(),
                                  coef.data_ptr<double>(), p, stream()));
 }
