@@ -1,8 +1,8 @@
 """Build script for elra.
 
 The Python package always installs. Native kernels (C++ for CPU, CUDA for GPUs) are built from
-``csrc/`` with ``torch.utils.cpp_extension`` when sources are present there; the pure-torch
-engine works without them. Environment switches:
+``csrc/`` with ``torch.utils.cpp_extension``; the pure-torch kernels work without them.
+Environment switches:
 
 * ``ELRA_NATIVE=0`` skips the native build, ``ELRA_NATIVE=cpu`` / ``cuda`` forces a CPU / CUDA build
   (default: CUDA when a CUDA toolkit and a CUDA build of torch are present, else CPU).
@@ -22,11 +22,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def native_extensions():
-    """The extension modules to build, or none when ``csrc/`` has no sources or it is switched off."""
+    """The extension modules to build (none when switched off) and the build command."""
     choice = os.environ.get("ELRA_NATIVE", "auto").lower()
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if choice in ("0", "off", "no") or not cpp:
+    if choice in ("0", "off", "no"):
         return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
 
@@ -75,10 +75,13 @@ ext_modules, cmdclass = native_extensions()
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
     long_description = fh.read()
+version = {}
+with open(os.path.join(HERE, "elra", "_version.py"), encoding="utf-8") as fh:
+    exec(fh.read(), version)  # the one place the version is written
 
 setup(
     name="elra",
-    version="0.1.0",
+    version=version["__version__"],
     description="ELRA/P2M: a self-tuning gradient descent optimizer for PyTorch",
     long_description=long_description,
     long_description_content_type="text/markdown",

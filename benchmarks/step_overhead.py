@@ -69,12 +69,11 @@ def make_params(numel: int, tensors: int, seed: int = 0) -> list[torch.nn.Parame
 
 
 def state_bytes(opt) -> int:
-    """Bytes of the optimizer's state tensors and (ELRA) its engine's working buffers."""
+    """Bytes of the optimizer's state tensors (ELRA: its vectors and working buffers)."""
+    if "buffer_bytes" in getattr(opt, "stats", {}):
+        return opt.stats["buffer_bytes"]
     tensors = [v for entry in opt.state.values() for v in entry.values()
                if isinstance(v, torch.Tensor) and v.numel() > 1]
-    engine = getattr(opt, "_engine", None)
-    if engine is not None:
-        tensors += engine.scratch_buffers()
     seen, total = set(), 0
     for v in tensors:
         st = v.untyped_storage()

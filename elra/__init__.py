@@ -8,7 +8,7 @@ retraces failed steps, grows its batch by gradient collection and controls its w
 import logging
 from pathlib import Path
 
-from ._native import native_status
+from ._ops import native_status
 from ._version import __version__
 from .optimizer import ElraOptimizer
 from .scaler import ElraGradScaler

@@ -74,3 +74,22 @@ class Booster:
         self.count = int(d["count"])
         self.loss_sum = float(d["loss_sum"])
         self.cycle = int(d.get("cycle", DEFAULT_CYCLE))
+
+
+def boost_call(booster: Optional[Booster], buffers: list[FlatBuffer], enable: bool,
+               model: Optional[torch.nn.Module], device) -> tuple[Optional[Booster], tuple]:
+    """``get_boost_model``: the booster to keep, and ``(count, avg_loss, model_copy)``.
+
+    Turning boosting on starts an average (nothing to hand out yet); a call while it is on
+    hands out a copy of ``model`` at the average (if there is one) and restarts the average;
+    ``enable=False`` drops it.
+    """
+    nan = float("nan")
+    if not enable or booster is None:
+        return (Booster(buffers) if enable else None), (0, nan, None)
+    if booster.count == 0 or model is None:
+        return booster, (booster.count, booster.avg_loss, None)
+    out = (booster.count, booster.avg_loss,
+           booster.model_copy(buffers, model, torch.device(device) if device else None))
+    booster.restart()
+    return booster, out

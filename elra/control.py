@@ -12,6 +12,14 @@ step counters lives here, in plain Python floats:
 * steps taken without a loss (a bare ``step()`` with no loss known): accepted when the engine
   finds the gradient finite, left out of the loss statistics (``no_loss_steps``).
 
+[note: plans]
+Whether a step the loss test accepts is really taken is decided on the parameters' device (a
+non-finite gradient turns it into a retrace there), and a GPU tells the host a call later. So the
+host never commits a step it has not seen: :meth:`LossControl.plan_first` and
+:meth:`LossControl.plan_accept` return a :class:`Plan` that holds what the engine needs and both
+states the control can end in (``taken``; ``failed``: the gradient was not finite), and the
+engine's outcome, whenever it is read, selects one of them.
+
 Nothing here touches a tensor, so every rule can be tested on its own with made-up numbers.
 """
 
@@ -23,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ._contract import CLIP, LR_MIN
+
 # --- constants of the algorithm (names follow ELRA_ALGORITHM.md) -------------------------------
 INITIAL_LR = 0.1  # first value of the applied (stochastic) step before any update
 INITIAL_GROWTH_DAMPER = 855_000.0
@@ -31,7 +41,6 @@ GROWTH_NUMERATOR = 1e6  # G = GROWTH_NUMERATOR / (1 + growth_damper)
 RETRACE_DAMPER_FACTOR = 16.0  # growth_damper *= 16 after a retrace ...
 RETRACE_DAMPER_RESET_ABOVE = 62_500.0  # ... reset to the initial value above this ...
 RETRACE_DAMPER_ADD_BELOW = 1.0  # ... and += 16 when <= 1
-CLIP = 10.0  # bound on the norm of an applied stochastic step
 WINDOW = 100  # steps of the short control window
 LONG_WINDOW_SAMPLES = 768  # long window = max(1, 768 // (collects * batch_size)) short windows
 MAX_COLLECTS = 6250
@@ -47,7 +56,6 @@ SCHEDULE_DECAY = 0.33  # schedule -= 0.33 per quiet window
 SCHEDULE_LIMIT_BASE = 1.5  # limit = log(grad_norm_avg / clip) / log(1.5)
 MIN_ANGLE_RAISE = -0.2  # a window whose smallest angle term is below this raises the schedule
 MEAN_ANGLE_QUIET = -1.0
-LR_MIN = 1e-5
 LR_DAMP_MIN = 1e-3
 RETRACES_TO_GROW_BATCH = 25
 STALL_WINDOWS_TO_GROW = 6
@@ -90,6 +98,12 @@ class StepInputs:
     lr_schedule: float  # lr_damp * (2/3) ** (schedule + increase)
     lr_warmup: float  # lr_damp * warmup_factor * steps
 
+    @property
+    def expected_step(self) -> float:
+        """The stochastic step the engine will apply unless the clip shortens it."""
+        lr = self.lr_schedule if self.lr_schedule < self.lr_warmup else self.lr_warmup
+        return LR_MIN if lr < LR_MIN else lr
+
 
 @dataclass
 class Tentative:
@@ -100,6 +114,18 @@ class Tentative:
     mean_ref: float
     dev_ref: float
     threshold: float
+
+
+@dataclass
+class Plan:
+    """A step the host has decided to try, and the two states the control can end in."""
+
+    first: bool  # the very first step (else an accepted one)
+    wd: Optional[list[float]]  # per-group weight-decay factors of kappa * x, or None
+    inputs: Optional[StepInputs]  # of the step-size update (None for the first step)
+    f_last: float  # loss of the last accepted point (the deterministic retrace's parabola)
+    taken: "LossControl"  # the control after the step, if the engine takes it
+    failed: "LossControl"  # ... if the gradient was not finite (a retrace; first: no step)
 
 
 @dataclass
@@ -237,16 +263,47 @@ class LossControl:
             lr_warmup=self.lr_damp * self.warmup_factor * self.steps,
         )
 
-    _ACCEPT_FIELDS = ("dev_correction", "sum_f", "sum_var", "mean_ref", "dev_ref", "f_last",
-                      "growth_damper", "lr_damp", "no_loss_steps")
+    def copy(self) -> "LossControl":
+        """A copy (lists are replaced, never changed in place, so they may be shared)."""
+        new = object.__new__(LossControl)
+        new.__dict__.update(self.__dict__)
+        return new
 
-    def snapshot(self) -> tuple:
-        """What :meth:`accept` changes, to undo an accept whose gradient turns out non-finite."""
-        return tuple(getattr(self, k) for k in self._ACCEPT_FIELDS)
+    def take_losses(self, valid: Optional[float], train: Optional[float]) -> None:
+        """Validation and training losses for the dynamic weight decay (``None``: keep)."""
+        if valid is not None:
+            self.valid_loss = valid
+        if train is not None:
+            self.train_loss = train
 
-    def restore(self, snap: tuple) -> None:
-        for k, v in zip(self._ACCEPT_FIELDS, snap):
-            setattr(self, k, v)
+    # --- plans (see [note: plans]) ---------------------------------------------------------------
+    def plan_first(self, f: Optional[float], decays: list[float]) -> Plan:
+        """The very first step (point 4) with loss ``f`` (``None``: no loss known). A failed
+        first step leaves everything as it was."""
+        wd = self.weight_decay_coefficients(decays)
+        taken = self.copy()
+        taken.begin_step(with_gradient=True)
+        if f is None:
+            taken.first_step_without_loss()
+        else:
+            taken.first_step(f)
+        return Plan(True, wd, None, math.nan, taken, self.copy())
+
+    def plan_accept(self, f_best: Optional[float], f: Optional[float],
+                    decays: list[float]) -> Optional[Plan]:
+        """An accepted step (after :meth:`begin_step` and the window), or ``None`` when the
+        loss fails the accept test (a retrace). ``f is None``: a step without a loss."""
+        tentative = None
+        if f is not None:
+            tentative = self.accept_test(f_best, f)
+            if tentative is None:
+                return None
+        wd = self.weight_decay_coefficients(decays)
+        taken = self.copy()
+        inputs = taken.accept_without_loss() if f is None else taken.accept(tentative, f)
+        failed = self.copy()
+        failed.retrace()
+        return Plan(False, wd, inputs, self.f_last, taken, failed)
 
     def retrace(self) -> None:
         """Scalar bookkeeping of a retrace (point 7); the engine moves the vectors."""

@@ -32,11 +32,13 @@ was not told ``sharded=True``).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+logger = logging.getLogger("elra")
 AUTO = "auto"
 REPLICA_TOLERANCE = 1e-6  # relative difference of |x|^2 across ranks still taken as "the same"
 
@@ -178,9 +180,15 @@ class LossAgreement:
         self.world_size = _dist().get_world_size(group)
         self.device = communication_device(group)
         self.calls = 0
+        self._checked = False
 
     def agree(self, loss: Optional[float], retrace_requested: bool, no_gradient: bool,
-              valid_loss: Optional[float], train_loss: Optional[float]) -> Agreement:
+              valid_loss: Optional[float], train_loss: Optional[float],
+              replicas: Optional[list] = None) -> Agreement:
+        """The values of one call, agreed over the group. ``replicas``: the flat buffers of an
+        optimizer that is not sharded, checked once to be the same on every rank."""
+        if replicas is not None:
+            self.check_replicated_once(replicas)
         has_loss = loss is not None
         vals = [loss if has_loss else 0.0, float(has_loss), float(retrace_requested),
                 float(no_gradient),
@@ -196,6 +204,13 @@ class LossAgreement:
             no_gradient=s[3] >= self.world_size,
             valid_loss=s[4] / s[5] if s[5] > 0 else None,
             train_loss=s[6] / s[7] if s[7] > 0 else None)
+
+    def check_replicated_once(self, buffers: list) -> None:
+        """:meth:`check_replicated` on the flat ``buffers``, at the first call only."""
+        if not self._checked:
+            self._checked = True
+            sq = sum(float(torch.linalg.vector_norm(b.data.float())) ** 2 for b in buffers)
+            self.check_replicated(sum(b.numel for b in buffers), sq)
 
     def check_replicated(self, numel: int, sqnorm: float) -> None:
         """Raise on every rank if the ranks' (non-sharded) parameters differ."""
@@ -213,3 +228,97 @@ class LossAgreement:
                 "sharded=True, ...)). With DistributedDataParallel, create the optimizer for the "
                 "same model on every rank. To let every rank decide alone, pass "
                 "process_group=None.")
+
+
+# --- how this process's parameters relate to the other ranks' ----------------------------------------
+class Sharding(NamedTuple):
+    """Replicated (DDP, one process), a ZeRO shard, or DTensor shards (FSDP2)."""
+
+    mirror: bool  # DTensor parameters: the flat buffers mirror their local shards
+    sharded: bool  # this process holds a shard: the reductions are summed over a group
+    reducer: Optional[Callable[[torch.Tensor], None]]  # that sum (None: replicated)
+    publish_extra: bool  # ZeRO: the groups carry ELRA's scalars (see ZeroPublisher)
+
+
+def sharding_of(params: list, sharded: Optional[bool], group) -> Sharding:
+    """How the trainable ``params`` are split over ``group`` (``sharded``: the user's argument,
+    ``None`` to detect). Raises ``ValueError`` for a setting that cannot work."""
+    dtensors = [is_dtensor(p) for p in params]
+    if any(dtensors):
+        if not all(dtensors):
+            raise ValueError("ElraOptimizer: DTensor parameters (FSDP2) and plain tensors "
+                             "cannot be mixed in one optimizer; shard the whole model with "
+                             "fully_shard or use one optimizer per kind")
+        reduce_group = dtensor_shard_group(params)
+        if sharded is False and reduce_group is not None:
+            raise ValueError("sharded=False, but the parameters are sharded DTensors (FSDP2); "
+                             "leave sharded at None")
+        return Sharding(True, reduce_group is not None,
+                        sum_reducer(reduce_group) if reduce_group is not None else None, False)
+    if sharded and group is None and not _single_rank():
+        raise ValueError("sharded=True needs torch.distributed to be initialised (the shards "
+                         "are summed over the process group)")
+    reducer = sum_reducer(group) if sharded and group is not None else None
+    return Sharding(False, bool(sharded), reducer, bool(sharded))
+
+
+def _single_rank() -> bool:
+    """torch.distributed is initialised with one rank: nothing to sum over."""
+    return dist_ready() and _dist().get_world_size() == 1
+
+
+# --- checkpoints through ZeroRedundancyOptimizer ------------------------------------------------------
+class ZeroPublisher:
+    """ELRA's scalars in the parameter groups, for ``ZeroRedundancyOptimizer``.
+
+    [note: checkpoints through ZeroRedundancyOptimizer]
+    ZeRO's consolidate_state_dict() calls the optimizer's state_dict() on every rank, but its own
+    state_dict() keeps only the per-parameter "state" of those and takes the parameter groups
+    from its own copies, which it syncs from the optimizer's groups; its load_state_dict()
+    assigns the optimizer's per-parameter state directly and syncs the saved groups back,
+    without calling the optimizer's load_state_dict(). So, with sharded=True and plain
+    parameters, every group carries the key "elra": one dict that state_dict() refreshes in
+    place (ZeRO's groups hold the same dict, so its consolidated state has the scalars), and a
+    call that finds another dict there, or the per-parameter state replaced, loads what it finds
+    through load_state_dict() (:meth:`adopt`).
+    """
+
+    def __init__(self):
+        self.holder: dict = {}
+        self._adopted: Optional[dict] = None
+
+    def attach(self, groups: list[dict]) -> None:
+        for g in groups:
+            g["elra"] = self.holder
+
+    def refresh(self, extra: dict) -> None:
+        """Put the current scalars into the dict the groups (and ZeRO's) share, in place."""
+        self.holder.clear()
+        self.holder.update(extra)
+
+    def adopt(self, opt) -> None:
+        """Load a state that ZeRO put into ``opt`` (an ElraOptimizer) from outside, if any."""
+        groups = opt.param_groups
+        held = groups[0].get("elra") if groups else None
+        first, entry = opt._views.first
+        replaced = opt.state.get(first) is not entry
+        if not replaced and (held is self.holder or held is self._adopted):
+            if held is not self.holder:  # ZeRO synced an adopted dict back: ours again,
+                self.attach(groups)  # so that ZeRO takes ours after this step
+            return
+        if not isinstance(held, dict) or held is self.holder or not held:
+            raise RuntimeError("the optimizer's per-parameter state was replaced without ELRA's "
+                               "scalars (the 'elra' entry of the parameter groups): load a "
+                               "state saved by ElraOptimizer (or ZeroRedundancyOptimizer "
+                               "around it) with load_state_dict")
+        params = [p for g in groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        owned = opt._layout.owned
+        sd = {"state": {index[id(p)]: dict(opt.state[p]) for p in params
+                        if id(p) in owned and p in opt.state},
+              "param_groups": [dict(g, params=[index[id(p)] for p in g["params"]])
+                               for g in groups]}
+        opt.load_state_dict(sd)
+        self._adopted = held
+        self.attach(groups)
+        logger.info("elra: adopted a state loaded from outside (ZeroRedundancyOptimizer)")

@@ -1,102 +1,195 @@
-"""Engines: the vector half of ELRA over the flat parameter buffers.
+"""The engine: ELRA's vector half over the flat parameter buffers, computed by the ``elra::`` ops.
 
-An engine owns the vectors of the algorithm (the previous direction, the retrace point, the
-gradient collection) and the scalars that follow from them (``alpha``, ``lr``, the window sums of
-the angle terms). Its small interface is all the optimizer uses:
+The engine owns the vectors of the algorithm (the direction, the retrace point, the gradient
+collection) and the scalar tensor of the ops (:mod:`elra._contract`). It calls one kernel table
+(:class:`elra._ops.Kernels`: the native C++/CUDA kernels or the pure-torch ones), so the same
+code drives every backend. A step is two phases, so that the host can act in between:
 
-``collect``      add one call's gradient into the collection (``coll += w * g``); False if the
-                 gradient is not finite,
-``first_step``   the very first move along the gradient (with weight decay in the
-                 deterministic regime, as the reference does),
-``accept_step``  an accepted step: the reductions (``<g, p>``, ``|g|^2``, and for weight decay
-                 ``<x, p>``, ``<g, x>``, ``|x|^2``), the step-size update from them, the update;
-                 with a non-finite gradient the engine retraces instead and says so,
-``retrace``      the step-size shrink of a failed step and the move back,
-``window_sums`` / ``set_grad_norm_avg``  what the 100-step control window reads and sets.
+``first`` / ``accept``  the reductions and the step-size update (``reduce`` + ``finalize``, or
+                        the one-pass ``step_fused`` + ``finalize``): the device decides, from the
+                        gradient, whether the step is taken or becomes a retrace;
+``outcome``             that decision, read now (``wait``) or left for later on a device;
+``move``                the element-wise pass that moves the parameters (``update``, or the
+                        ``fixup`` of a one-pass step when its guess was wrong).
 
-With a ``reducer`` (sharded parameters, see :mod:`elra.distributed`) the buffers hold only this
-rank's shard: every sum over the parameters (the reductions of a step, ``|g|^2`` of a collected
-gradient) is summed over the process group by ``reducer`` before anything is decided from it,
-so all ranks compute the same scalars and each moves its own shard.
+``retrace`` is a decision and a move at once; ``collect`` adds one call's gradient to the
+collection. The host (:mod:`elra.stepper`) learns an outcome late on a GPU (:meth:`resolve`).
 
-The step methods return ``True`` (done), ``False`` (the gradient was not finite) or ``None``
-(not known yet: a device engine may report it later through :meth:`Engine.resolve`).
-:class:`TorchEngine` implements the interface with plain torch operations (it works everywhere and
-is the ground truth in tests); :class:`elra.engine_native.NativeEngine` with fused kernels.
+[note: no host round trip in a normal step]
+The scalars (alpha, lr, the window sums, ...) live in one float64 tensor on the parameters'
+device; the host passes only what it already knows (loss-derived values and counters). Whether
+the gradient was finite is decided on the device: with a non-finite gradient ``finalize`` turns
+the step into a retrace and the element-wise pass moves back instead of forward. On the CPU the
+host reads the scalar tensor through a NumPy view (free); on a GPU it reads it once, at the start
+of the next call (:meth:`resolve`), when the device has long finished. Only the 100-step window,
+checkpoints, boosting and gradient collection read device values at once.
 
-[note: weight decay and loss scaling without touching the gradients]
-The direction of a step is ``g' = inv * g + c * x`` per parameter group (``inv`` undoes loss
-scaling, ``c`` is the group's weight-decay coefficient). Its reductions follow algebraically from
-``<g, p>``, ``|g|^2``, ``<x, p>``, ``<g, x>`` and ``|x|^2``, so neither the user's gradients nor an
-extra buffer are modified or allocated, and a fused kernel can do it in one pass.
+[note: one pass for a normal stochastic step]
+See the note of the same name in ``csrc/elra_math.h``: the reductions and the move run as one
+pass (``step_fused``) with the step the host expects, a fix-up pass follows only when the clip or
+a non-finite gradient changed it, and the engine alternates between two direction buffers. With
+weight decay the pass takes |x| from the last step ([note: weight decay in one pass] there).
+Used with kernels whose ``one_pass`` says it pays off, in the stochastic regime, without a kept
+retrace copy (half precision) or a reducer, and not when the last step predicts the clip; the
+other steps take two passes.
 
 [note: the retrace point]
 After an accepted step ``x = x_good - s * d``. In the stochastic regime a retrace only halves
 ``s``, so ``x_good - s' * d = x + (s - s') * d`` is recovered algebraically to within a rounding
-of the step itself, and no copy of ``x`` is kept (one buffer and two memory passes per step
-saved). In the deterministic regime a retrace may shrink ``alpha`` by orders of magnitude; there
-the rounding error of ``x + s * d`` would be large against the new step, so the engine keeps an
-exact copy of ``x_good``. Half-precision buffers always keep the copy (a huge failed step can
-overflow float16).
+of the step itself, and no copy of ``x`` is kept. In the deterministic regime a retrace may
+shrink ``alpha`` by orders of magnitude, so the engine keeps an exact copy of ``x_good``; so do
+half-precision buffers (a huge failed step can overflow float16).
+
+[note: sharded parameters]
+With a ``reducer`` (see :mod:`elra.distributed`) the buffers hold one rank's shard, and a
+parameter group may have segments on some ranks and none on others. The per-segment sums of
+``reduce`` are added up per parameter group, summed over the ranks in one all-reduce
+(``num_groups`` x 5 float64), and handed to ``finalize`` as extra rows, one per group, while the
+local rows are zeroed: ``finalize`` only ever adds rows weighted by their group's decay, so it
+computes the global step size, and the decay coefficients of the local segments come out as
+usual for ``update``. ``|g|^2`` of a collected gradient is summed the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-from .control import StepInputs
+from ._contract import (ALPHA, APPLIED, CLIP, CLIPPED, DIR_SCALE, DIR_SQ, GNA, GRAD_SQ,
+                        HALF_GRAD_NORM_LIMIT, HAS_POINT, KIND_ACCEPT, KIND_ACCEPT_FUSED,
+                        KIND_FIRST, KIND_RETRACE, LR, MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE,
+                        MODE_NONE, NORM_SUM, NUM_SLOTS, RED_WIDTH, ST_NONE, ST_OK, STATUS, STEP,
+                        XX_CACHE)
+from ._ops import TORCH_KERNELS, Kernels, kernels_for
 from .flat_buffer import FlatBuffer
-from .stepsize import Scalars, accepted_update, retrace_update
 
-HALF_GRAD_NORM_LIMIT = 65e3  # a larger gradient norm in fp16/bf16 counts as an overflow
+logger = logging.getLogger("elra")
+CLIP_FORESIGHT = 0.8  # a step predicted within 80% of the clip takes the two-pass path
 _HALF = (torch.float16, torch.bfloat16)
 
-
-@dataclass
-class Reductions:
-    """Global reductions of one step (float64 on the host)."""
-
-    finite: bool
-    grad_norm: float = 0.0  # |g'|, the norm of the direction to apply (with decay)
-    raw_grad_norm: float = 0.0  # |inv * g|, before weight decay
-    gd: float = 0.0  # <g', d_prev>
-    gg: float = 0.0  # |g'|^2
-    coefs: Optional[list] = None  # per buffer, per segment weight-decay coefficient c
+# checkpoint keys of the scalar slots; keys older checkpoints lack get these defaults
+# (None: the saved step_size)
+STATE_SLOTS = {"alpha": ALPHA, "lr": LR, "step_size": STEP, "mean_angle": MEAN_ANGLE,
+               "min_angle": MIN_ANGLE, "norm_sum": NORM_SUM, "gna": GNA, "dir_sqnorm": DIR_SQ,
+               "dir_scale": DIR_SCALE, "applied": APPLIED, "has_point": HAS_POINT,
+               "clipped": CLIPPED, "xx_cache": XX_CACHE}
+_OPTIONAL = {"gna": 0.0, "applied": None, "has_point": 1.0, "clipped": 0.0, "xx_cache": -1.0}
 
 
 class Engine:
-    """Base of all engines: vector state, its layout and the shared scalar logic."""
+    """The vectors and scalar tensor of ELRA over flat buffers of one device."""
 
-    name = "base"
-
-    def __init__(self, buffers: list[FlatBuffer], *, stochastic: bool, momentum: float,
-                 alpha: float, lr: float, reducer: Optional[Callable[[torch.Tensor], None]] = None,
-                 num_groups: int = 1):
-        self.buffers = buffers
-        self.reducer = reducer  # sums a float64 tensor over the ranks in place (sharded)
-        self.num_groups = int(num_groups)  # parameter groups of the optimizer (on every rank)
-        self.stochastic = stochastic
-        self.momentum = float(momentum)
-        self.scalars = Scalars(alpha=alpha, lr=lr)
-        self.dir_sqnorm = 0.0  # |d|^2 of the stored direction
-        self.dir_scale = 1.0  # p = dir_scale * d (the projection, with momentum)
+    def __init__(self, buffers: list[FlatBuffer], kernels: Kernels, *, stochastic: bool,
+                 momentum: float, alpha: float, lr: float,
+                 reducer: Optional[Callable[[torch.Tensor], None]] = None, num_groups: int = 1,
+                 defer: Optional[bool] = None, fuse: Optional[bool] = None):
+        self.buffers, self.kernels, self.reducer = buffers, kernels, reducer
+        self.stochastic, self.momentum = stochastic, float(momentum)
+        devices = {b.device for b in buffers}  # the scalars live with the buffers, or on the
+        dev = devices.pop() if len(devices) == 1 else torch.device("cpu")  # host for several
+        self.device = dev
+        self.defer = (dev.type != "cpu") if defer is None else bool(defer)
         self.direction = [b.new_zeros() for b in buffers]
         self.retrace_point: list[Optional[torch.Tensor]] = [
             b.new_zeros() if (not stochastic or b.dtype in _HALF) else None for b in buffers]
         self.collected: Optional[list[torch.Tensor]] = None
         self.collected_count = 0
+        self._spare: Optional[list[torch.Tensor]] = None  # the other direction (one pass)
+        scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
+        scal[ALPHA], scal[LR], scal[DIR_SCALE], scal[STATUS] = alpha, lr, 1.0, ST_NONE
+        self._host = scal.numpy().copy()  # the slots as last read (a device engine)
+        self._scal = scal.to(dev)
+        self._view = self._scal.numpy() if dev.type == "cpu" else None
+        self._bounds = [[s.start for s in b.segments] + [b.segments[-1].end] for b in buffers]
+        self._rows_of_groups(buffers, int(num_groups))
+        self._half = any(b.dtype in _HALF for b in buffers)
+        self._keep_copy = any(x is not None for x in self.retrace_point)
+        want = kernels.one_pass and stochastic and not self._keep_copy and reducer is None
+        self.fuse = want if fuse is None else bool(fuse)
+        self._pass: Optional[tuple] = None  # the move the last decision asked for
 
-    # --- state --------------------------------------------------------------------------------
+    def _rows_of_groups(self, buffers: list[FlatBuffer], num_groups: int) -> None:
+        """The rows of the reductions: one per segment of every buffer (and one per group
+        when sharded, see [note: sharded parameters]), each with its group."""
+        dev = self.device
+        self._row_groups = [s.group for b in buffers for s in b.segments]
+        offsets, off = [], 0
+        for b in buffers:
+            offsets.append(off)
+            off += len(b.segments)
+        self._nloc = off
+        if self.reducer is not None:
+            self._group_index = torch.tensor(self._row_groups, dtype=torch.long, device=dev)
+            self._group_red = torch.zeros(num_groups, RED_WIDTH, dtype=torch.float64, device=dev)
+            self._row_groups = self._row_groups + list(range(num_groups))
+            off += num_groups
+        self._red = torch.zeros(off * RED_WIDTH, dtype=torch.float64, device=dev)
+        self._coef = torch.zeros(off, dtype=torch.float64, device=dev)
+        self._red_views = [self._red[o * RED_WIDTH:(o + len(b.segments)) * RED_WIDTH]
+                           for o, b in zip(offsets, buffers)]
+        self._coef_views = [self._coef[o:] for o in offsets]
+
+    @property
+    def name(self) -> str:
+        return self.kernels.name
+
+    # --- reading the scalar tensor ---------------------------------------------------------------
+    def _slots(self) -> np.ndarray:
+        """The slots now (a device engine: one transfer)."""
+        if self._view is not None:
+            return self._view
+        self._host = self._scal.cpu().numpy()
+        return self._host
+
+    def _known(self) -> np.ndarray:
+        """The slots as known without a transfer (a device engine: as last read)."""
+        return self._view if self._view is not None else self._host
+
+    def resolve(self) -> bool:
+        """Whether the last step was taken as planned (on a GPU: one transfer, made at the start
+        of the next call, when the device has long finished)."""
+        return int(self._slots()[STATUS]) == ST_OK
+
+    def outcome(self, wait: bool) -> Optional[bool]:
+        """The last decision: ``True`` taken, ``False`` turned into a retrace (or, first step,
+        nothing), ``None`` not read yet (a deferring engine, unless ``wait``)."""
+        if self.defer and not wait:
+            return None
+        return self.resolve()
+
+    @property
+    def step_size(self) -> float:
+        """The step last applied (on a GPU: as of the last read)."""
+        return float(self._known()[STEP])
+
+    def window_sums(self) -> tuple[float, float, float]:
+        """``(norm_sum, mean_angle, min_angle)`` of the current window (read at once)."""
+        v = self._slots()
+        return float(v[NORM_SUM]), float(v[MEAN_ANGLE]), float(v[MIN_ANGLE])
+
+    def set_grad_norm_avg(self, value: float) -> None:
+        """Start a new window with the given ``grad_norm_avg``."""
+        self._scal[MEAN_ANGLE:NORM_SUM + 1].zero_()
+        self._scal[GNA].fill_(value)
+        if self._view is None:
+            self._host[MEAN_ANGLE:NORM_SUM + 1] = 0.0
+            self._host[GNA] = value
+
+    # --- state -----------------------------------------------------------------------------------
     def vectors(self) -> dict[str, list[Optional[torch.Tensor]]]:
-        """The engine's vector state by name, one flat tensor (or None) per buffer."""
+        """The vector state by name, one flat tensor (or None) per buffer."""
         out = {"direction": list(self.direction), "retrace_point": list(self.retrace_point)}
         if self.collected is not None:
             out["collected"] = list(self.collected)
         return out
+
+    def scratch_buffers(self) -> list[torch.Tensor]:
+        """Buffers the engine owns beyond its state (:meth:`vectors`): working memory."""
+        return list(self._spare) if self._spare is not None else []
 
     def ensure_collection(self) -> None:
         if self.collected is None:
@@ -107,305 +200,144 @@ class Engine:
         self.collected_count = 0
 
     def scalar_state(self) -> dict:
-        sc = self.scalars
-        return {"alpha": sc.alpha, "lr": sc.lr, "step_size": sc.step_size, "applied": sc.applied,
-                "has_point": float(sc.has_point),
-                "mean_angle": sc.mean_angle, "min_angle": sc.min_angle, "norm_sum": sc.norm_sum,
-                "gna": sc.gna,
-                "dir_sqnorm": self.dir_sqnorm, "dir_scale": self.dir_scale,
-                "collected_count": self.collected_count}
+        v = self._slots()
+        out = {k: float(v[i]) for k, i in STATE_SLOTS.items()}
+        out["collected_count"] = self.collected_count
+        return out
 
     def load_scalar_state(self, d: dict) -> None:
-        sc = self.scalars
-        for k in ("alpha", "lr", "step_size", "mean_angle", "min_angle", "norm_sum"):
-            setattr(sc, k, float(d[k]))
-        sc.gna = float(d.get("gna", 0.0))
-        sc.applied = float(d.get("applied", sc.step_size))
-        sc.has_point = bool(d.get("has_point", 1.0))
-        self.dir_sqnorm = float(d["dir_sqnorm"])
-        self.dir_scale = float(d["dir_scale"])
+        host = self._scal.cpu()
+        for k, i in STATE_SLOTS.items():
+            if k in d:
+                host[i] = float(d[k])
+            elif k in _OPTIONAL:  # keys that older checkpoints lack
+                host[i] = _OPTIONAL[k] if _OPTIONAL[k] is not None else float(d["step_size"])
+            else:
+                raise KeyError(k)
+        self._scal.copy_(host)
+        self._host = host.numpy().copy()
         self.collected_count = int(d["collected_count"])
 
-    # --- shared scalar math ------------------------------------------------------------------
-    def _angle_term(self, gd: float) -> float:
-        """S = <g', p> / |p|^2 with p = dir_scale * d (0 when p is zero)."""
-        denom = self.dir_scale * self.dir_sqnorm
-        return gd / denom if denom != 0.0 and math.isfinite(denom) else 0.0
-
-    def _next_direction_scalars(self, red: Reductions) -> None:
-        b = self.momentum
-        if b == 0.0:
-            self.dir_sqnorm, self.dir_scale = red.gg, 1.0
-        else:
-            sq = b * b * self.dir_sqnorm + 2 * b * (1 - b) * red.gd + (1 - b) ** 2 * red.gg
-            g_dot_new = b * red.gd + (1 - b) * red.gg
-            self.dir_sqnorm = max(sq, 0.0)
-            self.dir_scale = g_dot_new / sq if sq > 0.0 else 1.0
-
-    def p_norm(self) -> float:
-        return abs(self.dir_scale) * math.sqrt(max(self.dir_sqnorm, 0.0))
-
-    # --- interface (implemented per engine) --------------------------------------------------------
-    def collect(self, weight: float, inv: float) -> bool:
-        raise NotImplementedError
-
-    def first_step(self, use_collected: bool, inv: float, wd: Optional[list[float]], booster,
-                   f: float) -> Optional[bool]:
-        raise NotImplementedError
-
-    def accept_step(self, use_collected: bool, inv: float, wd: Optional[list[float]],
-                    inputs: StepInputs, f: float, f_last: float, booster) -> Optional[bool]:
-        raise NotImplementedError
-
-    def retrace(self, f: float, f_last: float) -> None:
-        raise NotImplementedError
-
-    def resolve(self) -> Optional[bool]:
-        """The outcome of the last step whose outcome was reported as ``None``."""
-        return None
-
-    def scratch_buffers(self) -> list[torch.Tensor]:
-        """Buffers the engine owns beyond its state (``vectors``): working memory."""
-        return []
-
-    def window_sums(self) -> tuple[float, float, float]:
-        """``(norm_sum, mean_angle, min_angle)`` of the current window."""
-        sc = self.scalars
-        return sc.norm_sum, sc.mean_angle, sc.min_angle
-
-    def set_grad_norm_avg(self, value: float) -> None:
-        """Start a new window with the given ``grad_norm_avg`` (used by weight decay)."""
-        self.scalars.reset_window()
-        self.scalars.gna = value
-
-    @property
-    def step_size(self) -> float:
-        return self.scalars.step_size
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype in _HALF:
-        return torch.dot(a.float(), b.float())
-    return torch.dot(a, b)
-
-
-class TorchEngine(Engine):
-    """The pure-torch engine: a few whole-buffer torch operations per step, works everywhere."""
-
-    name = "torch"
-
-    def __init__(self, buffers: list[FlatBuffer], **kw):
-        super().__init__(buffers, **kw)
-        self._gprime: Optional[list[torch.Tensor]] = None  # g' with weight decay (see reduce)
-
-    def scratch_buffers(self) -> list[torch.Tensor]:
-        return list(self._gprime) if self._gprime is not None else []
-
+    # --- the passes ------------------------------------------------------------------------------
     def _sources(self, use_collected: bool) -> list[torch.Tensor]:
         return self.collected if use_collected else [b.grad for b in self.buffers]
 
-    def _grad_ok(self, gg: float) -> bool:
-        if not math.isfinite(gg):
-            return False
-        if any(b.dtype in _HALF for b in self.buffers) and math.sqrt(gg) >= HALF_GRAD_NORM_LIMIT:
-            return False
-        return True
-
     def collect(self, weight: float, inv: float) -> bool:
-        grads = [b.grad for b in self.buffers]
-        if self.reducer is None:
-            gg = sum(_dot(g, g).item() for g in grads) * inv * inv
-        else:
-            t = sum(_dot(g, g).double() for g in grads).reshape(1)
+        """``collected += weight * inv * g``; False (nothing counted) if the gradient is not
+        finite. Reads ``|g|^2`` at once (collection is a synchronous path)."""
+        first = self.collected_count == 0
+        gg = 0.0
+        for c, b in zip(self.collected, self.buffers):
+            self.kernels.collect(c, b.grad, weight * inv, inv, first, b.dtype in _HALF, self._scal)
+            gg += float(self._slots()[GRAD_SQ])
+        if self.reducer is not None:  # the ranks decide from the global |g|^2
+            t = torch.tensor([gg], dtype=torch.float64, device=self.device)
             self.reducer(t)
-            gg = t.item() * inv * inv
-        if not self._grad_ok(gg):
+            gg = t.item()
+        ok = math.isfinite(gg) and not (self._half and math.sqrt(gg) >= HALF_GRAD_NORM_LIMIT)
+        if ok:
+            self.collected_count += 1
+        return ok
+
+    def _reduce(self, use_collected: bool, with_x: bool) -> None:
+        for buf, g, d, bounds, out in zip(self.buffers, self._sources(use_collected),
+                                          self.direction, self._bounds, self._red_views):
+            self.kernels.reduce(g, d, buf.data, bounds, with_x, out)
+        if self.reducer is not None:  # see [note: sharded parameters]
+            local = self._red[:self._nloc * RED_WIDTH].view(self._nloc, RED_WIDTH)
+            self._group_red.zero_().index_add_(0, self._group_index, local)
+            self.reducer(self._group_red)
+            local.zero_()
+            self._red[self._nloc * RED_WIDTH:].copy_(self._group_red.view(-1))
+
+    def _finalize(self, kind: int, inv: float, wd: Optional[list[float]], growth=0.0,
+                  lr_schedule=0.0, lr_warmup=0.0, f=0.0, f_last=0.0, spec=0.0) -> None:
+        rows = [wd[g] for g in self._row_groups] if wd is not None else []
+        self.kernels.finalize(self._red, self._scal, self._coef, kind, rows, growth, lr_schedule,
+                              lr_warmup, inv, self.momentum, f, f_last, spec, self.stochastic,
+                              self._half, self._keep_copy)
+
+    def first(self, use_collected: bool, inv: float, wd: Optional[list[float]]) -> None:
+        """Decide the very first step: direction g' (with decay), step alpha."""
+        self._reduce(use_collected, wd is not None)
+        self._finalize(KIND_FIRST, inv, wd)
+        self._pass = ("update", use_collected, 0.0)
+
+    def can_fuse(self, wd: Optional[list[float]], step: float) -> bool:
+        """Whether the one-pass step applies to a step expected to be ``step`` long. Not when
+        the clip is likely: the pass would move by ``step`` and shift back, rounding at the scale
+        of the longer move (predicted from the last step: clipped, or near the clip)."""
+        if not self.fuse:
             return False
-        w = weight * inv
-        for c, g in zip(self.collected, grads):
-            if self.collected_count == 0:
-                torch.mul(g, w, out=c)
-            else:
-                c.add_(g, alpha=w)
-        self.collected_count += 1
-        return True
+        v = self._known()
+        if v[CLIPPED] or step * step * float(v[GRAD_SQ]) > (CLIP_FORESIGHT * CLIP) ** 2:
+            return False
+        return wd is None or bool(v[XX_CACHE] > 0.0 and v[GNA] > 0.0)
 
-    def reduce(self, use_collected: bool, inv: float, wd: Optional[list[float]]) -> Reductions:
-        srcs = self._sources(use_collected)
-        if self.reducer is not None:
-            return self._reduce_sharded(srcs, inv, wd)
-        if wd is None:
-            parts = [torch.stack([_dot(g, d), _dot(g, g)]) for g, d in zip(srcs, self.direction)]
-            gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
-            gd, gg = gd * inv, gg * inv * inv
-            if not self._grad_ok(gg):
-                return Reductions(finite=False)
-            n = math.sqrt(gg)
-            return Reductions(True, n, n, gd, gg, None)
-        # weight decay: |x| first (kappa), then g' = inv g + c x into a working buffer of the
-        # engine, and <g', d>, |g'|^2 from it (fewer passes over memory than the five sums of
-        # the raw vectors: 10 streams per step instead of 18)
-        xs = [buf.data for buf in self.buffers]
-        xx = float(sum(_dot(x, x).double() for x in xs))
-        half = any(b.dtype in _HALF for b in self.buffers)
-        gg_raw = None
-        if half or self.scalars.gna <= 0.0:
-            gg_raw = float(sum(_dot(g, g).double() for g in srcs)) * inv * inv
-            if not self._grad_ok(gg_raw):
-                return Reductions(finite=False)
-        gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
-        kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
-        coefs = self._fill_gprime(srcs, inv, wd, kappa)
-        parts = [torch.stack([_dot(gp, d), _dot(gp, gp)]) for gp, d in zip(self._gprime,
-                                                                           self.direction)]
-        gd, gg = (sum(v) for v in zip(*(p.double().tolist() for p in parts)))
-        if not math.isfinite(gg) or not math.isfinite(gd):
-            return Reductions(finite=False)
-        n = math.sqrt(max(gg, 0.0))
-        return Reductions(True, n, math.sqrt(gg_raw) if gg_raw is not None else n, gd, gg, coefs)
-
-    def _fill_gprime(self, srcs: list[torch.Tensor], inv: float, wd: list[float],
-                     kappa: float) -> list[list[float]]:
-        """g' = inv * g + c * x per segment into the working buffer; the coefficients c."""
-        if self._gprime is None:
-            self._gprime = [b.new_zeros() for b in self.buffers]
-        coefs = []
-        for buf, g, gp in zip(self.buffers, srcs, self._gprime):
-            cs = []
-            for seg in buf.segments:
-                c = wd[seg.group] * kappa
-                cs.append(c)
-                sl = slice(seg.start, seg.end)
-                if c == 0.0:
-                    torch.mul(g[sl], inv, out=gp[sl])
-                elif inv == 1.0:
-                    torch.add(g[sl], buf.data[sl], alpha=c, out=gp[sl])
-                else:
-                    torch.add(buf.data[sl], g[sl], alpha=inv / c, out=gp[sl]).mul_(c)
-            coefs.append(cs)
-        return coefs
-
-    def _reduce_sharded(self, srcs: list[torch.Tensor], inv: float,
-                        wd: Optional[list[float]]) -> Reductions:
-        """The reductions over this rank's shard, summed over the group in one all-reduce.
-
-        Without weight decay: ``<g, d>`` and ``|g|^2``. With it, per parameter group the five raw
-        sums ``<g, d>``, ``|g|^2``, ``<x, d>``, ``<g, x>``, ``|x|^2``: kappa needs the global
-        ``|x|`` before ``g'`` exists, so ``<g', d>`` and ``|g'|^2`` follow algebraically (as in
-        the native engine's ``finalize``).
-        """
-        dev = self.buffers[0].device
-        if wd is None:
-            acc = torch.zeros(2, dtype=torch.float64, device=dev)
-            for g, d in zip(srcs, self.direction):
-                acc += torch.stack([_dot(g, d), _dot(g, g)]).double()
-            self.reducer(acc)
-            gd, gg = acc.tolist()
-            gd, gg = gd * inv, gg * inv * inv
-            if not self._grad_ok(gg) or not math.isfinite(gd):
-                return Reductions(finite=False)
-            n = math.sqrt(gg)
-            return Reductions(True, n, n, gd, gg, None)
-        acc = torch.zeros(self.num_groups, 5, dtype=torch.float64, device=dev)
-        for buf, g, d in zip(self.buffers, srcs, self.direction):
-            x = buf.data
-            for seg in buf.segments:
-                sl = slice(seg.start, seg.end)
-                gs, ds, xs = g[sl], d[sl], x[sl]
-                acc[seg.group] += torch.stack([_dot(gs, ds), _dot(gs, gs), _dot(xs, ds),
-                                               _dot(gs, xs), _dot(xs, xs)]).double()
-        self.reducer(acc)
-        rows = acc.tolist()
-        gg_raw = sum(r[1] for r in rows) * inv * inv
-        xx = sum(r[4] for r in rows)
-        if not self._grad_ok(gg_raw):
-            return Reductions(finite=False)
-        gna = self.scalars.gna if self.scalars.gna > 0.0 else math.sqrt(gg_raw)
-        kappa = gna / math.sqrt(xx) if xx > 0.0 else 0.0
-        gd = gg = 0.0
-        for k, r in enumerate(rows):
-            c = wd[k] * kappa
-            gd += inv * r[0] + c * r[2]
-            gg += inv * inv * r[1] + 2.0 * c * inv * r[3] + c * c * r[4]
-        if not math.isfinite(gg) or not math.isfinite(gd):
-            return Reductions(finite=False)
-        coefs = self._fill_gprime(srcs, inv, wd, kappa)
-        gg = max(gg, 0.0)
-        return Reductions(True, math.sqrt(gg), math.sqrt(gg_raw), gd, gg, coefs)
-
-    def _write_direction(self, red: Reductions, use_collected: bool, inv: float,
-                         b: float) -> None:
-        """d <- b * d + (1 - b) * g' with g' = inv * g + c * x per segment (b = momentum).
-
-        With weight decay g' is already in the working buffer (see :meth:`reduce`): without
-        momentum it simply becomes the direction (the buffers swap roles).
-        """
-        if red.coefs is not None:
-            if b == 0.0:
-                self.direction, self._gprime = self._gprime, self.direction
-            else:
-                for d, gp in zip(self.direction, self._gprime):
-                    d.mul_(b).add_(gp, alpha=1 - b)
+    def accept(self, use_collected: bool, inv: float, wd: Optional[list[float]], growth: float,
+               lr_schedule: float, lr_warmup: float, f: float, f_last: float,
+               fused_step: Optional[float] = None) -> None:
+        """Decide an accepted step (the device may turn it into a retrace). ``fused_step``: take
+        the one pass, which moves by this step before the decision (see :meth:`can_fuse`)."""
+        if fused_step is None:
+            self._reduce(use_collected, wd is not None)
+            self._finalize(KIND_ACCEPT, inv, wd, growth, lr_schedule, lr_warmup, f, f_last)
+            self._pass = ("update", use_collected, self.momentum)
             return
-        for g, d in zip(self._sources(use_collected), self.direction):
-            if b == 0.0:
-                if inv == 1.0:
-                    d.copy_(g)
-                else:
-                    torch.mul(g, inv, out=d)
-            else:
-                d.mul_(b).add_(g, alpha=(1 - b) * inv)
+        if self._spare is None:
+            self._spare = [b.new_zeros() for b in self.buffers]
+        sources = self._sources(use_collected)
+        for buf, g, d, dn, bounds, out in zip(self.buffers, sources, self.direction, self._spare,
+                                              self._bounds, self._red_views):
+            rows = [wd[s.group] for s in buf.segments] if wd is not None else []
+            self.kernels.step_fused(buf.data, d, dn, g, self._scal, bounds, inv, self.momentum,
+                                    fused_step, rows, out)
+        self._finalize(KIND_ACCEPT_FUSED, inv, wd, growth, lr_schedule, lr_warmup, f, f_last,
+                       fused_step)
+        self._pass = ("fixup", use_collected, self.momentum)
 
-    def _move(self, step: float) -> None:
-        for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):
-            if xg is not None:
-                xg.copy_(buf.data)
-            buf.data.add_(d, alpha=-step)
-        self.scalars.applied = step
-
-    def first_step(self, use_collected, inv, wd, booster, f):
-        red = self.reduce(use_collected, inv, wd)
-        if not red.finite:
-            return False
-        if booster is not None:
-            booster.update(self.buffers, f)
-        self._write_direction(red, use_collected, inv, 0.0)  # the first direction is g itself
-        self.dir_sqnorm, self.dir_scale = red.gg, 1.0
-        self.scalars.gna = red.grad_norm
-        self.scalars.step_size = self.scalars.alpha
-        self._move(self.scalars.alpha)
-        self.scalars.has_point = not self.stochastic
-        return True
-
-    def accept_step(self, use_collected, inv, wd, inputs, f, f_last, booster):
-        red = self.reduce(use_collected, inv, wd)
-        if not red.finite:
-            self.retrace(f, f_last)
-            return False
-        if booster is not None:
-            booster.update(self.buffers, f)
-        S = self._angle_term(red.gd)
-        step = accepted_update(self.scalars, S, red.grad_norm, inputs, self.stochastic)
-        self._write_direction(red, use_collected, inv, self.momentum)
-        self._next_direction_scalars(red)
-        self._move(step)
-        self.scalars.has_point = True
-        self.scalars.norm_sum += self.p_norm()
-        return True
-
-    def retrace(self, f, f_last):
-        old = self.scalars.applied
-        p_sq = self.dir_scale ** 2 * self.dir_sqnorm
-        new = retrace_update(self.scalars, f, f_last, p_sq, self.stochastic)
-        self.scalars.norm_sum += self.p_norm()
-        if not self.scalars.has_point:
-            # stochastic, and no step after the first accepted yet: there is no point to go
-            # back to, and x stays where the first step put it (as in the reference)
+    def move(self) -> None:
+        """The element-wise pass of the last decision."""
+        kind, use_collected, momentum = self._pass
+        self._pass = None
+        sources = self._sources(use_collected)
+        if kind == "update":
+            for buf, g, d, xg, coef, bounds in zip(self.buffers, sources, self.direction,
+                                                   self.retrace_point, self._coef_views,
+                                                   self._bounds):
+                self.kernels.update(buf.data, d, g, xg, self._scal, coef, bounds, momentum)
             return
-        mult = new * self.dir_scale  # back along p = dir_scale * d (with momentum p != d)
-        for buf, d, xg in zip(self.buffers, self.direction, self.retrace_point):
-            if xg is not None:
-                torch.add(xg, d, alpha=-mult, out=buf.data)
-            else:
-                buf.data.add_(d, alpha=old - mult)
-        self.scalars.applied = mult
+        if self._view is None or self._view[MODE] != MODE_NONE:  # on a CPU: only if needed
+            for buf, g, d, dn, coef, bounds in zip(self.buffers, sources, self.direction,
+                                                   self._spare, self._coef_views, self._bounds):
+                self.kernels.fixup(buf.data, d, dn, g, self._scal, coef, bounds, momentum)
+        self.direction, self._spare = self._spare, self.direction
+
+    def retrace(self, f: float, f_last: float) -> None:
+        """Shrink the step and go back to the last accepted point (point 7)."""
+        self._finalize(KIND_RETRACE, 1.0, None, f=f, f_last=f_last)
+        self._pass = ("update", False, self.momentum)
+        self.move()
+
+
+def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
+    """The engine for ``buffers`` with the kernels ``choice`` asks for ("auto": the native
+    ones where they can run, else pure torch; "native" raises ``RuntimeError`` where they
+    cannot). ``kw``: the keyword arguments of :class:`Engine`."""
+    devices = {b.device for b in buffers}
+    rows = sum(len(b.segments) for b in buffers)
+    if kw.get("reducer") is not None:
+        rows += kw.get("num_groups", 1)
+    if len(devices) > 1:
+        kernels, reason = TORCH_KERNELS, "the parameters live on several devices"
+    elif rows > MAX_SEGMENTS:
+        kernels, reason = TORCH_KERNELS, f"more than {MAX_SEGMENTS} parameter-group segments"
+    else:
+        kernels, reason = kernels_for(next(iter(devices)), choice)
+    if reason is not None and choice == "native":
+        raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
+                           f"'torch'")
+    if reason is not None and choice == "auto":
+        logger.info("elra: using the pure-torch kernels: %s", reason)
+    logger.info("elra: %s kernels on %s", kernels.name, ", ".join(sorted(map(str, devices))))
+    return Engine(buffers, kernels, **kw)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
+from itertools import compress
+from typing import Callable
 
 import torch
 
@@ -34,6 +36,12 @@ from .distributed import local_tensor
 
 logger = logging.getLogger("elra")
 _GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DATA_PTR = operator.methodcaller("data_ptr")
+
+
+def _LOCAL_PTR(p: torch.Tensor) -> int:
+    return local_tensor(p).data_ptr()
 
 
 @dataclass(frozen=True)
@@ -181,3 +189,136 @@ def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if g.shape != p.shape:
         raise RuntimeError(f"gradient of shape {tuple(g.shape)} does not match its parameter's "
                            f"shape {tuple(p.shape)}")
+
+
+class Layout:
+    """The trainable parameters of an optimizer's groups as flat buffers (one per device and
+    dtype, see :class:`FlatBuffer`), and the check that they still are.
+
+    ``groups`` are the optimizer's parameter groups; the trainable parameters (``requires_grad``)
+    are laid out, the others are left alone. ``mirror``: DTensor parameters (see the note above).
+    Raises ``ValueError`` when no parameter is trainable.
+    """
+
+    def __init__(self, groups: list[dict], mirror: bool = False):
+        trainable = [(gi, p) for gi, g in enumerate(groups) for p in g["params"] if p.requires_grad]
+        if not trainable:
+            raise ValueError("ElraOptimizer got no trainable parameters (all have "
+                             "requires_grad=False)")
+        by_key: dict[tuple, list] = {}
+        for gi, p in trainable:
+            by_key.setdefault((p.device, p.dtype), []).append((gi, p))
+        self.buffers = [FlatBuffer([p for _, p in items], [gi for gi, _ in items], mirror=mirror)
+                        for items in by_key.values()]
+        self.mirror = bool(mirror)
+        self.owned = {id(p) for b in self.buffers for p in b.params}
+        # what changed() compares: the groups' parameters, which are trainable, where their data
+        # lives (DTensor parameters: their local shard; their own data_ptr() is 0)
+        self._ptr_of = _LOCAL_PTR if mirror else _DATA_PTR
+        self._watch = [p for g in groups for p in g["params"]]
+        self._trainable = list(map(_REQUIRES_GRAD, self._watch))
+        self._ptrs = [self._ptr_of(p) for p in self._watch if p.requires_grad]
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buffers)
+
+    def changed(self, groups: list[dict]) -> bool:
+        """True if a parameter was added, removed, frozen or unfrozen, or its data replaced
+        (``model.to(...)``, ``p.data = ...``) since the layout was built (C-level loops: this
+        runs on every step)."""
+        params = [p for g in groups for p in g["params"]]
+        if len(params) != len(self._watch) or any(map(operator.is_not, params, self._watch)):
+            return True
+        trainable = list(map(_REQUIRES_GRAD, params))
+        if trainable != self._trainable:
+            return True
+        return list(map(self._ptr_of, compress(params, trainable))) != self._ptrs
+
+    def sync_grads(self) -> int:
+        """Re-attach the gradient views (:meth:`FlatBuffer.sync_grads`); how many had one."""
+        return sum(b.sync_grads() for b in self.buffers)
+
+    def pull(self) -> None:
+        if self.mirror:
+            for b in self.buffers:
+                b.pull()
+
+    def push(self) -> None:
+        if self.mirror:
+            for b in self.buffers:
+                b.push()
+
+    def zero_grad(self, groups: list[dict], set_to_none: bool) -> None:
+        """Zero the buffers' gradients in place (they stay attached); other parameters of the
+        groups (frozen ones) follow ``set_to_none``."""
+        for b in self.buffers:
+            b.zero_grad(set_to_none)
+        for g in groups:
+            for p in g["params"]:
+                if id(p) not in self.owned and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+
+    def views(self, vectors: dict[str, list]) -> dict[str, dict]:
+        """``{name: {parameter: view}}`` of flat vectors laid out like the buffers
+        (``vectors``: one flat tensor or ``None`` per buffer, by name)."""
+        out: dict[str, dict] = {}
+        for name, flats in vectors.items():
+            m = out.setdefault(name, {})
+            for buf, flat in zip(self.buffers, flats):
+                if flat is not None:
+                    m.update(zip(buf.params, buf.views(flat)))
+        return out
+
+
+def copy_views(old: dict, new: dict) -> None:
+    """Copy each ``old[name][parameter]`` view into ``new[name][parameter]`` where both exist
+    (``{name: {parameter: view}}``, as :meth:`Layout.views` gives)."""
+    for name, m in new.items():
+        for p, v in m.items():
+            if p in old.get(name, {}):
+                v.copy_(old[name][p])
+
+
+class StateViews:
+    """Keeps ``optimizer.state[p][name]`` a view of the engine's flat vector ``name``.
+
+    :meth:`publish` lays the views out anew (after a rebuild, a load, boosting turned on or off);
+    :meth:`follow` is the per-call check that the views still point at the vectors the engine
+    uses: the one-pass step alternates between two direction buffers (a swap costs one dict
+    assignment per parameter, the views of both being looked up once), and a collection buffer
+    appears when the batch grows.
+    """
+
+    def __init__(self, layout: Layout, state: dict):
+        self.layout, self.state = layout, state
+        self.first: tuple = ()
+
+    def publish(self, vectors: dict[str, list]) -> None:
+        self.state.clear()
+        for name, m in self.layout.views(vectors).items():
+            for p, v in m.items():
+                self.state[p][name] = v
+        p0 = self.layout.buffers[0].params[0]
+        self.first = (p0, self.state[p0])  # to notice a state replaced from outside (ZeRO)
+        self._direction = vectors["direction"]
+        self._collected = "collected" in vectors
+        self._pairs: dict[tuple, list] = {}
+
+    def follow(self, vectors_of: Callable[[], dict], direction: list,
+               collected: bool) -> None:
+        if collected != self._collected:
+            return self.publish(vectors_of())
+        if direction is self._direction:
+            return
+        key = tuple(map(id, direction))
+        pairs = self._pairs.get(key)
+        if pairs is None:
+            views = self.layout.views({"direction": direction})["direction"]
+            pairs = self._pairs[key] = [(self.state[p], v) for p, v in views.items()]
+        for entry, v in pairs:
+            entry["direction"] = v
+        self._direction = direction

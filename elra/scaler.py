@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from .optimizer import ElraOptimizer, _loss_to_float
+from ._args import loss_to_float
+from .optimizer import ElraOptimizer
 
 
 class ElraGradScaler:
@@ -95,7 +96,7 @@ class ElraGradScaler:
         if loss is None:
             raise TypeError("ElraGradScaler.step() needs the loss: call scaler.scale(loss) "
                             "before backward(), or pass step(optimizer, loss)")
-        f = _loss_to_float(loss)
+        f = loss_to_float(loss)
         scale = self._scale if (self._enabled and not self._unscaled) else None
         result = optimizer.step(f, scale=scale)
         self._found_inf = optimizer.last_outcome == "retrace_gradient"

@@ -90,12 +90,13 @@ def worker(rank: int, world: int, tmp: str, args) -> None:
     DDP(model2)
     zero2 = make_zero(model2)
     zero2.load_state_dict(state["optimizer"])
+    restored = zero2.optim.stats["steps"]  # what the restored optimizer holds (every rank)
 
     if rank == 0:
         with torch.no_grad():
             acc = (model(X_test).argmax(1) == y_test).float().mean().item()
         print(f"step length {zero.optim.param_groups[0]['lr']:.3g}; the checkpoint restored "
-              f"{state['optimizer']['param_groups'][0]['elra']['control']['steps']} steps")
+              f"{restored} steps")
         print(f"test accuracy {acc:.4f}")
     dist.destroy_process_group()
 

@@ -28,8 +28,18 @@ def rosenbrock_steps(start=(0.3, 0.8), lr=1e-6, limit=1e-4, budget=200, dtype=to
             return i, thresholds, opt
         loss.backward()
         opt.step(loss.item())
-        thresholds.append(opt._control.threshold())
+        thresholds.append(opt.stats["threshold"])
     return budget, thresholds, opt
+
+
+def elra_state(opt) -> dict:
+    """ELRA's scalars as the checkpoint holds them (the "elra" entry of ``state_dict()``)."""
+    return opt.state_dict()["param_groups"][0]["elra"]
+
+
+def control_of(opt) -> dict:
+    """The control law's state as the checkpoint holds it."""
+    return elra_state(opt)["control"]
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,7 @@ def scenario_ddp(rank, world, out, engine, group="auto", bucket_view=False):
 
     train(ddp, step, global_batches(DDP_STEPS), X, y, rank, world)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "outcomes": outcomes, "retraces": opt._control.retraces_total,
+            "outcomes": outcomes, "retraces": opt.stats["retraces"],
             "lr": opt.param_groups[0]["lr"], "engine": opt.engine_name}
 
 
@@ -181,7 +181,8 @@ def _zero(model, engine, extra):
 
 def _zero_poison(zero):
     def poison():
-        zero.optim._buffers[0].params[0].grad.view(-1)[0] = float("nan")
+        first = next(p for g in zero.optim.param_groups for p in g["params"] if p.requires_grad)
+        first.grad.view(-1)[0] = float("nan")
     return poison
 
 
@@ -212,7 +213,8 @@ def scenario_zero(rank, world, out, engine, **extra):
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     local = zero.optim
     info = {"sharded": local.sharded, "engine": local.engine_name,
-            "local_numel": sum(b.numel for b in local._buffers),
+            "local_numel": sum(p.numel() for g in local.param_groups for p in g["params"]
+                               if p.requires_grad),
             "own_group": local.process_group is not torch.distributed.group.WORLD}
 
     state = torch.load(ckpt, weights_only=True)
@@ -229,7 +231,7 @@ def scenario_zero(rank, world, out, engine, **extra):
     # a checkpoint of the resumed run holds its current scalars, not the loaded ones
     zero2.consolidate_state_dict(to=0)
     again = zero2.state_dict()["param_groups"][0]["elra"]["control"] if rank == 0 else None
-    info["checkpoint_steps"] = (again["steps"] if again else None, zero2.optim._control.steps,
+    info["checkpoint_steps"] = (again["steps"] if again else None, zero2.optim.stats["steps"],
                                 state["optim"]["param_groups"][0]["elra"]["control"]["steps"])
     return {"params": final, "resumed": resumed, "info": info, "outcomes": outcomes,
             "outcomes_resumed": outcomes2}

@@ -22,6 +22,7 @@ def _rec(optimizer, family, lr, seed, **metrics):
             "evals": [{"step": 0, "time": 0.0, "loss": 1.0}]}
 
 
+@pytest.mark.slow
 def test_quick_run_writes_tables_and_plots(tmp_path):
     """A small --quick run in a fresh interpreter: ELRA's Rosenbrock count is the anchor's, every
     optimizer asked for has a row, the figures are PNG files."""
@@ -80,6 +81,7 @@ def test_accuracy_is_maximised_and_reported_over_seeds():
     assert "| **SGD lr=0.01** | 0.9600 ± 0.0141 |" in cv.problem_table(problem, runs, [])
 
 
+@pytest.mark.slow
 def test_worker_refuses_this_package(tmp_path):
     """--worker exists for the reference package's venv; with this package's elra it stops."""
     job = json.dumps({"problem": "rosenbrock", "spec": {"name": "x", "family": cv.REFERENCE,

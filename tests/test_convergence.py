@@ -6,6 +6,8 @@ import torch
 from elra import ElraOptimizer
 from conftest import rosenbrock_steps, train_digits
 
+pytestmark = pytest.mark.slow  # trainings and subprocess runs
+
 
 def test_rosenbrock_deterministic():
     steps, thresholds, opt = rosenbrock_steps()

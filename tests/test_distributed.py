@@ -19,6 +19,8 @@ import torch
 import dist_worker as W
 from conftest import one_thread
 
+pytestmark = pytest.mark.slow  # trainings and subprocess runs
+
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 

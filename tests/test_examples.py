@@ -11,6 +11,8 @@ import pytest
 
 from conftest import require
 
+pytestmark = pytest.mark.slow  # trainings and subprocess runs
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

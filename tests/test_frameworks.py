@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from elra import ElraOptimizer
-from conftest import (DIGITS_SEEDS, digits_anchor_optimizer, digits_split, mlp, one_thread,
-                      require)
+from conftest import (DIGITS_SEEDS, control_of, digits_anchor_optimizer, digits_split, mlp,
+                      one_thread, require)
 
 BAR = 0.965  # the hand-written loop's bar (test_convergence.test_digits_stochastic_anchor)
-pytestmark = pytest.mark.filterwarnings(  # Lightning's own, about torch.utils._pytree
-    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+pytestmark = [pytest.mark.slow,  # trainings
+              pytest.mark.filterwarnings(  # Lightning's own, about torch.utils._pytree
+                  "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")]
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +129,7 @@ def test_lightning_float32_is_the_hand_written_loop(digits, digits_anchor):
         assert same_params(net, hand_model), f"seed {seed}"
         assert acc == hand_acc
         opt = trainer.optimizers[0]
-        assert isinstance(opt, ElraOptimizer) and opt._control.steps == 880
+        assert isinstance(opt, ElraOptimizer) and opt.stats["steps"] == 880
         accs.append(acc)
     assert sum(accs) / len(accs) >= BAR, accs
     logged = [m["lr-ElraOptimizer"] for _, m in memory.rows if "lr-ElraOptimizer" in m]
@@ -238,6 +239,6 @@ def test_accelerate_accumulation_and_elra_collection_multiply(collects, accelera
             losses.append(loss.item())
         hand_opt.step(sum(losses) / k)
     assert same_params(model, hand)
-    assert opt._control.to_dict() == hand_opt._control.to_dict()
+    assert control_of(opt) == control_of(hand_opt)
     if collects > 1:  # what ELRA did at accelerate's optimizer calls (every k-th micro-batch)
         assert outcomes[k - 1::k][:4] == ["collected", "first", "collected", "accepted"]

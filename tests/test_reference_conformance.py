@@ -58,6 +58,7 @@ def test_rosenbrock_float64(engine, k):
     assert_points_close(got["points"], exp["points"], f"rosenbrock {scenarios.ROSENBROCK_STARTS[k]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,seed", [("torch", 0)] + [
     pytest.param("native", s, marks=pytest.mark.skipif(not native_status()["cpu"],
                                                        reason="native kernels not built"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from elra import ElraGradScaler, ElraOptimizer, native_status
-from conftest import roundtrip
+from conftest import control_of, roundtrip
 
 
 def make(regime, seed=0, **kw):
@@ -52,6 +52,7 @@ ENGINES = ["torch", pytest.param("native", marks=pytest.mark.skipif(
     not native_status()["cpu"], reason="native kernels not built"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("regime", ["stochastic", "deterministic"])
 @pytest.mark.parametrize("momentum", [None, 0.5])
@@ -65,7 +66,8 @@ def test_exact_resume(regime, momentum, engine):
     model_b, opt_b = make(regime, collects=2, momentum=momentum, engine=engine)
     opt_b.get_boost_model(True, model_b)
     train(model_b, opt_b, 0, n, nan_at, boost_every=80)
-    assert opt_b._engine.collected_count == 1 and opt_b._booster.count > 0
+    extra = opt_b.state_dict()["param_groups"][0]["elra"]
+    assert extra["engine"]["collected_count"] == 1 and extra["boost"]["count"] > 0
     ckpt = roundtrip({"model": model_b.state_dict(), "optim": opt_b.state_dict()})
 
     # other init, no collection yet
@@ -74,8 +76,8 @@ def test_exact_resume(regime, momentum, engine):
     opt_c.load_state_dict(ckpt["optim"])
     train(model_c, opt_c, n, 2 * n, nan_at, boost_every=80)
 
-    assert opt_a._control.steps > 200 and opt_a._control.retraces_total >= 2
-    assert opt_a._control.collects >= 2
+    stats = opt_a.stats
+    assert stats["steps"] > 200 and stats["retraces"] >= 2 and stats["collects"] >= 2
     for pa, pc in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(pa, pc)
     ta, ga = flat_state(opt_a)
@@ -85,6 +87,7 @@ def test_exact_resume(regime, momentum, engine):
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not native_status()["cpu"], reason="native kernels not built")
 @pytest.mark.parametrize("saved,loaded", [("native", "torch"), ("torch", "native")])
 def test_checkpoint_moves_between_engines(saved, loaded):
@@ -100,7 +103,7 @@ def test_checkpoint_moves_between_engines(saved, loaded):
     opt_c.load_state_dict(ckpt["optim"])
     assert opt_c.engine_name == loaded
     train(model_c, opt_c, 80, 160, nan_at=(37,))
-    ca, cc = opt_a._control.to_dict(), opt_c._control.to_dict()
+    ca, cc = control_of(opt_a), control_of(opt_c)
     for k, v in ca.items():  # same decisions (counters, flags); statistics to rounding
         if isinstance(v, float):
             assert cc[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
@@ -124,9 +127,11 @@ def test_state_dict_layout_is_torch_standard():
         entry = sd["state"][i]
         assert {"direction", "boost_average"} <= set(entry)
         assert entry["direction"].shape == p.shape
-        # views of the flat buffers: nothing was copied
+        # views of one flat buffer: nothing was copied
         assert entry["direction"].untyped_storage().data_ptr() == \
-            opt._engine.direction[0].untyped_storage().data_ptr()
+            sd["state"][0]["direction"].untyped_storage().data_ptr()
+        assert entry["direction"].untyped_storage().data_ptr() == \
+            opt.state[p]["direction"].untyped_storage().data_ptr()
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
