@@ -61,6 +61,13 @@ def loss_scale(scale: Any) -> float:
     return 1.0 / s
 
 
+def warn_once(warned: set, key: str, message: str, stacklevel: int) -> None:
+    """A ``UserWarning`` the first time ``key`` comes up (``warned``: the keys so far)."""
+    if key not in warned:
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+    warned.add(key)
+
+
 def loss_or_closure(loss: Any, closure: Any) -> tuple:
     """``step``'s ``(loss, closure)`` as given positionally or by keyword, sorted out: a
     callable is the closure, anything else the loss; both at once raise ``TypeError``."""

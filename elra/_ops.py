@@ -81,8 +81,7 @@ class Kernels(NamedTuple):
     one_pass: bool  # the one-pass stochastic step (step_fused) pays off
 
 
-TORCH_KERNELS = Kernels("torch", kt.reduce, kt.collect, kt.finalize, kt.update, kt.step_fused,
-                        kt.fixup, one_pass=False)
+TORCH_KERNELS = Kernels("torch", *(kt.UNCHECKED[op] for op in SCHEMAS), one_pass=False)
 
 
 def dispatched(namespace: str, name: str = "native") -> Kernels:

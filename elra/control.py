@@ -90,7 +90,7 @@ def normalize_weight_decay(value: float) -> float:
     return eff
 
 
-@dataclass
+@dataclass(slots=True)
 class StepInputs:
     """What the host hands the engine for the step-size update of an accepted step."""
 
@@ -105,7 +105,7 @@ class StepInputs:
         return LR_MIN if lr < LR_MIN else lr
 
 
-@dataclass
+@dataclass(slots=True)
 class Tentative:
     """Loss statistics as they would be after accepting the current step."""
 
@@ -116,7 +116,7 @@ class Tentative:
     threshold: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     """A step the host has decided to try, and the two states the control can end in."""
 
@@ -125,7 +125,16 @@ class Plan:
     inputs: Optional[StepInputs]  # of the step-size update (None for the first step)
     f_last: float  # loss of the last accepted point (the deterministic retrace's parabola)
     taken: "LossControl"  # the control after the step, if the engine takes it
-    failed: "LossControl"  # ... if the gradient was not finite (a retrace; first: no step)
+    before: "LossControl"  # the control before the step (never changed afterwards)
+
+    @property
+    def failed(self) -> "LossControl":
+        """The control if the gradient was not finite: a retrace (the first step: no step).
+        Formed when asked for (rarely: the gradient is nearly always finite)."""
+        out = self.before.copy()
+        if not self.first:
+            out.retrace()
+        return out
 
 
 @dataclass
@@ -287,7 +296,7 @@ class LossControl:
             taken.first_step_without_loss()
         else:
             taken.first_step(f)
-        return Plan(True, wd, None, math.nan, taken, self.copy())
+        return Plan(True, wd, None, math.nan, taken, self)
 
     def plan_accept(self, f_best: Optional[float], f: Optional[float],
                     decays: list[float]) -> Optional[Plan]:
@@ -301,9 +310,7 @@ class LossControl:
         wd = self.weight_decay_coefficients(decays)
         taken = self.copy()
         inputs = taken.accept_without_loss() if f is None else taken.accept(tentative, f)
-        failed = self.copy()
-        failed.retrace()
-        return Plan(False, wd, inputs, self.f_last, taken, failed)
+        return Plan(False, wd, inputs, self.f_last, taken, self)
 
     def retrace(self) -> None:
         """Scalar bookkeeping of a retrace (point 7); the engine moves the vectors."""

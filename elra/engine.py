@@ -69,6 +69,7 @@ from .flat_buffer import FlatBuffer
 
 logger = logging.getLogger("elra")
 CLIP_FORESIGHT = 0.8  # a step predicted within 80% of the clip takes the two-pass path
+_NO_ROWS: list = []  # finalize's weight decay rows without decay (never changed)
 _HALF = (torch.float16, torch.bfloat16)
 
 # checkpoint keys of the scalar slots; keys older checkpoints lack get these defaults
@@ -252,7 +253,7 @@ class Engine:
 
     def _finalize(self, kind: int, inv: float, wd: Optional[list[float]], growth=0.0,
                   lr_schedule=0.0, lr_warmup=0.0, f=0.0, f_last=0.0, spec=0.0) -> None:
-        rows = [wd[g] for g in self._row_groups] if wd is not None else []
+        rows = [wd[g] for g in self._row_groups] if wd is not None else _NO_ROWS
         self.kernels.finalize(self._red, self._scal, self._coef, kind, rows, growth, lr_schedule,
                               lr_warmup, inv, self.momentum, f, f_last, spec, self.stochastic,
                               self._half, self._keep_copy)

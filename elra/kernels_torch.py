@@ -9,13 +9,14 @@ gives the same doubles. The element-wise ops are a few whole-buffer torch operat
 The scalar tensor is read and written on the host: free on the CPU, one transfer each way per
 op on another device (this path is the fallback there; the native kernels keep a normal step on
 the device). The argument checks only look at metadata, so the fake (meta) kernels of
-:mod:`elra._ops` use them too.
+:mod:`elra._ops` use them too; the engine, which builds its arguments itself, calls the ops
+without them (``UNCHECKED``: a few microseconds a step).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -134,7 +135,7 @@ def check_fixup(x, d_prev, d_new, g, scal, coef, bounds, momentum=0.0) -> int:
 # --- host access to the float64 tensors ------------------------------------------------------------
 def _store(t: torch.Tensor, values: list) -> None:
     """``t[:len(values)] = values`` (a float64 tensor)."""
-    if t.device.type == "cpu":
+    if t.is_cpu:
         t.numpy()[:len(values)] = values
     else:
         t[:len(values)].copy_(torch.tensor(values, dtype=torch.float64))
@@ -142,7 +143,7 @@ def _store(t: torch.Tensor, values: list) -> None:
 
 def _put(t: torch.Tensor, items: dict) -> None:
     """``t[i] = v`` for the ``{i: v}`` of ``items`` (a float64 tensor)."""
-    v = t.numpy() if t.device.type == "cpu" else t
+    v = t.numpy() if t.is_cpu else t
     for i, value in items.items():
         v[i] = value
 
@@ -160,24 +161,44 @@ def reduce(g: torch.Tensor, d: torch.Tensor, x: torch.Tensor, bounds: Sequence[i
            with_x: bool, out: torch.Tensor) -> None:
     """``out[5k:5k+5] = <g,d>, |g|^2, <x,d>, <g,x>, |x|^2`` over segment k (x terms 0 unless
     ``with_x``)."""
-    nseg = check_reduce(g, d, x, bounds, with_x, out)
-    zero = g.new_zeros((), dtype=torch.float32 if g.dtype in _HALF else g.dtype)
+    check_reduce(g, d, x, bounds, with_x, out)
+    _reduce(g, d, x, bounds, with_x, out)
+
+
+def _reduce(g, d, x, bounds, with_x, out) -> None:
+    nseg = len(bounds) - 1
+    if nseg == 1 and not with_x and out.is_cpu:  # the common case, short
+        gd, gg = torch.stack((_dot(g, d), _dot(g, g))).tolist()
+        out.numpy()[:RED_WIDTH] = (gd, gg, 0.0, 0.0, 0.0)
+        return
+    whole = nseg == 1  # no slicing: one segment is the whole buffer
     parts = []
     for a, b in _segments(bounds):
-        gs, ds = g[a:b], d[a:b]
+        gs, ds = (g, d) if whole else (g[a:b], d[a:b])
         parts += [_dot(gs, ds), _dot(gs, gs)]
         if with_x:
-            xs = x[a:b]
+            xs = x if whole else x[a:b]
             parts += [_dot(xs, ds), _dot(gs, xs), _dot(xs, xs)]
-        else:
-            parts += [zero, zero, zero]
-    out[:nseg * RED_WIDTH].copy_(torch.stack(parts))
+    sums = torch.stack(parts)
+    if with_x:
+        out[:nseg * RED_WIDTH].copy_(sums)
+    elif out.is_cpu:  # the sums to the host (free on the CPU), the zeros with them
+        v = sums.tolist()
+        _store(out, [t for k in range(nseg) for t in (v[2 * k], v[2 * k + 1], 0.0, 0.0, 0.0)])
+    else:
+        rows = out[:nseg * RED_WIDTH].view(nseg, RED_WIDTH)
+        rows[:, 2:].zero_()
+        rows[:, :2].copy_(sums.view(nseg, 2))
 
 
 def collect(coll: torch.Tensor, g: torch.Tensor, weight: float, inv: float, first: bool,
             half: bool, scal: torch.Tensor) -> None:
     """``coll <- (first ? 0 : coll) + weight g``; ``|inv g|^2`` and the status into ``scal``."""
     check_collect(coll, g, weight, inv, first, half, scal)
+    _collect(coll, g, weight, inv, first, half, scal)
+
+
+def _collect(coll, g, weight, inv, first, half, scal) -> None:
     gg = float(_dot(g, g)) * (inv * inv)
     if first:
         torch.mul(g, weight, out=coll)
@@ -192,25 +213,39 @@ def finalize(red: torch.Tensor, scal: torch.Tensor, coef: torch.Tensor, kind: in
              momentum: float, f: float, f_last: float, spec: float, stochastic: bool,
              half: bool, keep_copy: bool) -> None:
     """The step-size update of one call (``finalize`` of ``csrc/elra_math.h``)."""
-    nseg = check_finalize(red, scal, coef, kind, wd)
+    check_finalize(red, scal, coef, kind, wd)
+    _finalize_op(red, scal, coef, kind, wd, growth, lr_schedule, lr_warmup, inv, momentum, f,
+                 f_last, spec, stochastic, half, keep_copy)
+
+
+def _finalize_op(red, scal, coef, kind, wd, growth, lr_schedule, lr_warmup, inv, momentum, f,
+                 f_last, spec, stochastic, half, keep_copy) -> None:
     s = scal.tolist()
+    nseg = red.numel() // RED_WIDTH
     c = [0.0] * nseg
     p = _Params(growth, lr_schedule, lr_warmup, inv, momentum, f, f_last, spec, stochastic,
-                half, keep_copy, list(wd))
+                half, keep_copy, wd)
     _finalize(red.tolist(), s, c, kind, p)
     _store(scal, s)
-    _store(coef, c)
+    if coef.tolist()[:nseg] != c:  # mostly unchanged (no decay: zeros), and reading is cheaper
+        _store(coef, c)
 
 
-class _Params:
+class _Params(NamedTuple):
     """finalize's host inputs (FinalizeParams of elra_math.h)."""
 
-    __slots__ = ("growth", "lr_schedule", "lr_warmup", "inv", "momentum", "f", "f_last", "spec",
-                 "stochastic", "half", "keep_copy", "wd")
-
-    def __init__(self, *values):
-        for name, v in zip(self.__slots__, values):
-            setattr(self, name, v)
+    growth: float
+    lr_schedule: float
+    lr_warmup: float
+    inv: float
+    momentum: float
+    f: float
+    f_last: float
+    spec: float
+    stochastic: bool
+    half: bool
+    keep_copy: bool
+    wd: list
 
 
 def _finalize(red: list, s: list, coef: list, kind: int, p: _Params) -> None:
@@ -219,8 +254,8 @@ def _finalize(red: list, s: list, coef: list, kind: int, p: _Params) -> None:
         return _set_retrace(s, p, ST_RETRACE)
     nseg = len(coef)
     with_x = bool(p.wd)
-    gg_raw = sum(red[k * RED_WIDTH + 1] for k in range(nseg)) * (p.inv * p.inv)
-    xx = sum(red[k * RED_WIDTH + 4] for k in range(nseg))
+    gg_raw = sum(red[1::RED_WIDTH]) * (p.inv * p.inv)  # in order, from 0, as the C++ loop
+    xx = sum(red[4::RED_WIDTH])
     s[GRAD_SQ] = gg_raw
     ok = _finite(gg_raw) and not (p.half and math.sqrt(gg_raw) >= HALF_GRAD_NORM_LIMIT)
     fused = kind == KIND_ACCEPT_FUSED
@@ -390,6 +425,10 @@ def update(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, xg: Optional[torch
            scal: torch.Tensor, coef: torch.Tensor, bounds: Sequence[int], momentum: float) -> None:
     """The element-wise update of the mode ``finalize`` chose (see ``MODES``)."""
     check_update(x, d, g, xg, scal, coef, bounds)
+    _update(x, d, g, xg, scal, coef, bounds, momentum)
+
+
+def _update(x, d, g, xg, scal, coef, bounds, momentum) -> None:
     v = scal.tolist()
     mode, s, t, inv = int(v[MODE]), v[MOVE_S], v[MOVE_T], v[INV]
     if mode == MODE_NONE:
@@ -401,7 +440,7 @@ def update(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, xg: Optional[torch
     elif mode == MODE_RETRACE_ALGEBRAIC:
         x.add_(d, alpha=t - s)
     elif mode == MODE_STEP:
-        cs = coef[:len(bounds) - 1].tolist()
+        cs = coef.tolist()[:len(bounds) - 1]
         if not any(cs):  # no decay: the whole buffer at once
             _step(x, d, g, xg, inv, 0.0, momentum, s)
         else:
@@ -437,7 +476,11 @@ def step_fused(x: torch.Tensor, d_prev: torch.Tensor, d_new: torch.Tensor, g: to
     ``d_new <- b d_prev + (1 - b)(inv g + c_k x)`` with ``c_k = wd[k] spec_kappa``, and
     ``x <- x - step d_new`` where g is finite."""
     check_step_fused(x, d_prev, d_new, g, scal, bounds, inv, momentum, step, wd, out)
-    reduce(g, d_prev, x, bounds, bool(wd), out)
+    _step_fused(x, d_prev, d_new, g, scal, bounds, inv, momentum, step, wd, out)
+
+
+def _step_fused(x, d_prev, d_new, g, scal, bounds, inv, momentum, step, wd, out) -> None:
+    _reduce(g, d_prev, x, bounds, bool(wd), out)
     kappa = spec_kappa(scal.tolist()) if wd else 0.0
     for k, (a, b) in enumerate(_segments(bounds)):
         xs, gs, dn = x[a:b], g[a:b], d_new[a:b]
@@ -453,7 +496,12 @@ def fixup(x: torch.Tensor, d_prev: torch.Tensor, d_new: torch.Tensor, g: torch.T
           scal: torch.Tensor, coef: torch.Tensor, bounds: Sequence[int], momentum: float) -> None:
     """The correction after ``step_fused`` and ``finalize`` (MODE_SHIFT, MODE_UNDO_RETRACE,
     MODE_REDO); other modes do nothing."""
-    nseg = check_fixup(x, d_prev, d_new, g, scal, coef, bounds)
+    check_fixup(x, d_prev, d_new, g, scal, coef, bounds)
+    _fixup(x, d_prev, d_new, g, scal, coef, bounds, momentum)
+
+
+def _fixup(x, d_prev, d_new, g, scal, coef, bounds, momentum) -> None:
+    nseg = len(bounds) - 1
     v = scal.tolist()
     mode, u, r = int(v[MODE]), v[MOVE_S], v[MOVE_T]
     if mode == MODE_SHIFT:
@@ -467,3 +515,9 @@ def fixup(x: torch.Tensor, d_prev: torch.Tensor, d_new: torch.Tensor, g: torch.T
             xo = x[a:b] + u * d_new[a:b]
             d_new[a:b].add_(xo, alpha=(1.0 - momentum) * dc)
             torch.add(xo, d_new[a:b], alpha=-r, out=x[a:b])
+
+
+# The same ops without the argument checks, for a caller that builds the arguments itself (the
+# engine); every other call goes through the checked functions above (the registered kernels).
+UNCHECKED = {"reduce": _reduce, "collect": _collect, "finalize": _finalize_op,
+             "update": _update, "step_fused": _step_fused, "fixup": _fixup}

@@ -8,12 +8,12 @@ in :mod:`elra.engine` (over the ops of :mod:`elra._ops`), the flat buffers and t
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from . import _args, checkpoint
+from ._step_hooks import hooked
 from .boost import boost_call
 from .control import INITIAL_LR, LossControl
 from .distributed import AUTO, LossAgreement, ZeroPublisher, resolve_process_group, sharding_of
@@ -135,8 +135,8 @@ class ElraOptimizer(torch.optim.Optimizer):
         """Add a group (e.g. with its own ``weight_decay``); same rules as the constructor."""
         group = _args.param_group(param_group)
         if "lr" in group and group["lr"] != self.defaults.get("lr"):
-            self._warn_once("group_lr", "ElraOptimizer uses one step length for all parameters; "
-                            "the 'lr' of a parameter group is ignored", 3)
+            _args.warn_once(self._warned, "group_lr", "ElraOptimizer uses one step length for "
+                            "all parameters; the 'lr' of a parameter group is ignored", 3)
         group.pop("lr", None)
         super().add_param_group(group)
         if self._ready:
@@ -144,11 +144,6 @@ class ElraOptimizer(torch.optim.Optimizer):
             if self._zero is not None:
                 self._zero.attach(self.param_groups)
             self._rebuild()
-
-    def _warn_once(self, key: str, message: str, stacklevel: int) -> None:
-        if key not in self._warned:
-            warnings.warn(message, UserWarning, stacklevel=stacklevel)
-        self._warned.add(key)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -199,8 +194,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         if self._layout.changed(self.param_groups):
             self._rebuild()
         if any(g["lr"] != self._shown_lr for g in self.param_groups):
-            self._warn_once("scheduler", "ElraOptimizer sets its own step length; a change of "
-                            "param_groups[...]['lr'] (e.g. by an LR scheduler) is ignored", 4)
+            _args.warn_once(self._warned, "scheduler", "ElraOptimizer sets its own step length; "
+                            "a change of param_groups[...]['lr'] (e.g. by an LR scheduler) is "
+                            "ignored", 5)
             for g in self.param_groups:
                 g["lr"] = self._shown_lr
         self._layout.pull()
@@ -232,6 +228,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         f = _args.loss_to_float(loss)
         self._recorded = [self._recorded[0] + f, self._recorded[1] + 1]
 
+    @hooked
     @torch.no_grad()
     def step(self, loss: Union[float, torch.Tensor, Callable, None] = None,
              scale: Optional[float] = None, closure: Optional[Callable] = None, *,

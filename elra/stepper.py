@@ -126,9 +126,10 @@ class Stepper:
             if plan is None:
                 return self.retrace(f, "retrace_loss")
             inp = plan.inputs
-            fused = self.booster is None and eng.can_fuse(plan.wd, inp.expected_step)
+            expected = inp.expected_step
+            fused = self.booster is None and eng.can_fuse(plan.wd, expected)
             eng.accept(use_collected, inv, plan.wd, inp.growth, inp.lr_schedule, inp.lr_warmup,
-                       fv, plan.f_last, inp.expected_step if fused else None)
+                       fv, plan.f_last, expected if fused else None)
         ok = None
         if self.booster is not None:  # boosting needs the outcome now
             ok = eng.outcome(wait=True)

@@ -9,7 +9,7 @@ import torch
 
 import elra
 from elra import ElraOptimizer, get_user_manual_path
-from conftest import all_finite, control_of, rosenbrock
+from conftest import all_finite, control_of, elra_state as elra_state_of, rosenbrock
 
 
 def quad_setup(n=5, **kw):
@@ -470,3 +470,35 @@ def test_library_is_silent(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_step_hooks_and_profiler_range_work_as_for_torch_optimizers():
+    """torch.optim's step pre/post hooks (per optimizer and global, with argument replacement)
+    and the profiler's Optimizer.step range are there when used (ELRA skips torch's wrapper,
+    which costs as much as a small step, only when nothing is registered or profiling)."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    p, opt = quad_setup()
+    seen = []
+    # torch passes step's arguments with the optimizer first; a pre hook may replace them
+    h1 = opt.register_step_pre_hook(lambda o, args, kw: seen.append(("pre", args)) or
+                                    ((o, 99.0), kw))  # the step gets loss 99 instead
+    h2 = opt.register_step_post_hook(lambda o, args, kw: seen.append(("post", args)))
+    h3 = register_optimizer_step_pre_hook(lambda o, args, kw: seen.append(("global", o is opt)))
+    h4 = register_optimizer_step_post_hook(lambda o, args, kw: seen.append(("global_post",)))
+    try:
+        quad_step(p, opt)
+        assert seen[0] == ("global", True) and seen[1][0] == "pre"
+        assert seen[2] == ("post", (opt, 99.0))
+        assert seen[3] == ("global_post",)
+        assert elra_state_of(opt)["control"]["f0"] == 99.0  # the replaced argument was used
+    finally:
+        for h in (h1, h2, h3, h4):
+            h.remove()
+    seen.clear()
+    quad_step(p, opt)
+    assert seen == []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        quad_step(p, opt)
+    assert any(e.name == "Optimizer.step#ElraOptimizer.step" for e in prof.events())

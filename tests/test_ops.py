@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elra import _ops, native_status
+from elra import _ops, kernels_torch as kt, native_status
 from elra._contract import (DIR_SCALE, GNA, GRAD_SQ, KIND_ACCEPT, LR, MODE, MODE_REDO, MOVE_S,
                             MOVE_T, NUM_SLOTS, RED_WIDTH, ST_OK, STATUS, XX_CACHE, ALPHA, INV)
 
@@ -27,7 +27,9 @@ HAVE_NATIVE = native_status()["cpu"]
 # the pure-torch kernels, registered in a namespace of their own so that opcheck (which calls
 # through the dispatcher) tests them and not the native kernels of elra::
 _TEST_LIB = _ops.define("elra_torchtest")
-TABLES = {"torch": _ops.TORCH_KERNELS}
+# the pure-torch kernels as registered (with their argument checks; the engine calls them
+# without, elra.kernels_torch.UNCHECKED)
+TABLES = {"torch": _ops.Kernels("torch", *(getattr(kt, op) for op in _ops.OPS), one_pass=False)}
 if HAVE_NATIVE:
     TABLES["native"] = _ops.dispatched("elra")
 KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
