@@ -9,9 +9,12 @@ against steps and against training wall time) and the raw curves as JSON, all in
   digits with an MLP, MNIST-1D with a small CNN and a byte-level transformer language model
   (stochastic).
 * Optimizers: ELRA (this package, the regime each problem calls for, lr=1e-6 deterministic and
-  lr=1e-4 with warmup=10 stochastic, as the package's usage hints say); Adam and SGD with momentum
-  0.9, each at three learning rates per problem (all runs are reported; the best of the three is
-  marked); Prodigy, Schedule-Free AdamW and D-Adaptation Adam with their documented defaults; and
+  lr=1e-4 with warmup=10 stochastic, as the package's usage hints say); ElraAdam (``elra.ElraAdam``
+  once the package has it, else the research prototype ``benchmarks/elra_adam_proto.py``; its
+  defaults, one configuration on every problem, no learning rate); Adam and SGD with momentum
+  0.9, each at three learning rates per problem, with a constant learning rate and with a linear
+  warm-up over the first 5% of the steps then cosine decay to zero ("Adam cosine", "SGD cosine":
+  three peak learning rates; all runs are reported; the best of each three is marked); Prodigy, Schedule-Free AdamW and D-Adaptation Adam with their documented defaults; and
   the reference package ``elra`` 0.0.5 when ``--reference-python`` names a Python that has it
   (it imports as ``elra`` as well, so it runs in its own process). An optimizer whose package is
   not installed is skipped with a note.
@@ -22,8 +25,9 @@ against steps and against training wall time) and the raw curves as JSON, all in
         --reference-python /tmp/refvenv/bin/python       # the full run (about an hour on 2 cores)
     python benchmarks/convergence.py --problems digits mnist1d --seeds 0
 
-``--quick`` shortens every budget, runs one seed and, for Adam and SGD, only the learning rate that
-won the full run's sweep (``QUICK_LR``), so its numbers are not the committed results.
+``--quick`` shortens every budget, runs one seed and, for Adam and SGD (constant and cosine), only
+the learning rate that won the full run's sweep (``QUICK_LR``), so its numbers are not the committed
+results.
 """
 
 from __future__ import annotations
@@ -53,14 +57,15 @@ from tqdm import tqdm
 from convergence_problems import PROBLEMS, Problem
 
 # --- optimizers ----------------------------------------------------------------------------------
-# Learning rates of Adam and SGD in --quick: the winners of the full run's sweep (benchmarks/results)
+# Learning rates of Adam and SGD in --quick: the winners of the full run's sweeps (benchmarks/results;
+# the cosine ones: benchmarks/results/elra_adam_research.md)
 QUICK_LR = {
-    "rosenbrock": {"Adam": 1e-1, "SGD": 1e-3},
-    "polyfit": {"Adam": 1e-1, "SGD": 3e-6},
-    "quadratic": {"Adam": 1e-2, "SGD": 0.01},
-    "digits": {"Adam": 3e-3, "SGD": 0.1},
-    "mnist1d": {"Adam": 3e-3, "SGD": 0.03},
-    "bytelm": {"Adam": 1e-2, "SGD": 0.3},
+    "rosenbrock": {"Adam": 1e-1, "SGD": 1e-3, "Adam cosine": 3e-1, "SGD cosine": 3e-3},
+    "polyfit": {"Adam": 1e-1, "SGD": 3e-6, "Adam cosine": 3e-1, "SGD cosine": 3e-6},
+    "quadratic": {"Adam": 1e-2, "SGD": 0.01, "Adam cosine": 1e-2, "SGD cosine": 0.01},
+    "digits": {"Adam": 3e-3, "SGD": 0.1, "Adam cosine": 3e-2, "SGD cosine": 0.3},
+    "mnist1d": {"Adam": 3e-3, "SGD": 0.03, "Adam cosine": 3e-2, "SGD cosine": 0.1},
+    "bytelm": {"Adam": 1e-2, "SGD": 0.3, "Adam cosine": 1e-2, "SGD cosine": 0.3},
 }
 
 # family -> (python package that provides it, description of the setting)
@@ -70,7 +75,15 @@ PEERS = {
                                             "(lr=0.0025, no warm-up)"),
     "D-Adapt Adam": ("dadaptation", "dadaptation.DAdaptAdam, defaults (lr=1.0)"),
 }
-FAMILY_ORDER = ["ELRA", "ELRA 0.0.5 (reference)", "Adam", "SGD", *PEERS]
+FAMILY_ORDER = ["ELRA", "ELRA 0.0.5 (reference)", "ElraAdam", "Adam", "Adam cosine", "SGD",
+                "SGD cosine", *PEERS]
+# families with a learning-rate sweep (``problem.sweeps``); "... cosine": linear warm-up over the
+# first WARMUP_FRACTION of the run's steps, then cosine decay to zero, peak lr best of three
+SWEPT = ("Adam", "Adam cosine", "SGD", "SGD cosine")
+WARMUP_FRACTION = 0.05
+# keyword arguments of ElraAdam in every run (empty: its defaults); a research hook of
+# heldout_tasks.py --variant, never set per problem
+ELRA_ADAM_OPTIONS: dict = {}
 REFERENCE = "ELRA 0.0.5 (reference)"
 
 
@@ -87,7 +100,8 @@ def optimizer_specs(problem: Problem, quick: bool, reference: bool) -> tuple[lis
     notes = []
     if reference:
         specs.append(OptSpec(REFERENCE, REFERENCE))
-    for fam in ("Adam", "SGD"):
+    specs.append(OptSpec("ElraAdam", "ElraAdam"))
+    for fam in SWEPT:
         lrs = (QUICK_LR[problem.name][fam],) if quick else problem.sweeps[fam]
         specs += [OptSpec(f"{fam} lr={lr:g}", fam, lr) for lr in lrs]
     for fam, (module, _) in PEERS.items():
@@ -105,9 +119,11 @@ def build_optimizer(spec: OptSpec, params: list, problem: Problem) -> torch.opti
         e = problem.elra  # the reference's positional API: params, model, batch_size, classes
         return elra.ElraOptimizer(params, None, e["batch_size"], e["classes"], lr=e["lr"],
                                   warmup=e["warmup"])
-    if spec.family == "Adam":
+    if spec.family == "ElraAdam":
+        return elra_adam_class()(params, **ELRA_ADAM_OPTIONS)
+    if spec.family in ("Adam", "Adam cosine"):
         return torch.optim.Adam(params, lr=spec.lr)
-    if spec.family == "SGD":
+    if spec.family in ("SGD", "SGD cosine"):
         return torch.optim.SGD(params, lr=spec.lr, momentum=0.9)
     if spec.family == "Prodigy":
         import prodigyopt
@@ -122,6 +138,27 @@ def build_optimizer(spec: OptSpec, params: list, problem: Problem) -> torch.opti
 
         return dadaptation.DAdaptAdam(params)
     raise ValueError(f"unknown optimizer family {spec.family!r}")
+
+
+def elra_adam_class() -> type:
+    """``elra.ElraAdam`` once the package has it, else the research prototype beside this file."""
+    import elra
+
+    if hasattr(elra, "ElraAdam"):
+        return elra.ElraAdam
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from elra_adam_proto import ElraAdamProto
+
+    return ElraAdamProto
+
+
+def cosine_lr(peak: float, it: int, steps: int) -> float:
+    """Learning rate of step ``it`` (0-based) of ``steps``: linear warm-up to ``peak`` over the first
+    WARMUP_FRACTION of the steps, then cosine decay to zero at the end."""
+    warm = max(1, round(WARMUP_FRACTION * steps))
+    if it < warm:
+        return peak * (it + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, steps - warm)))
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -154,13 +191,17 @@ def run_job(problem_name: str, spec: OptSpec, seed: int, quick: bool) -> dict:
     evals = [{"step": 0, "time": 0.0, **evaluate()}]
     train_time, retraces, status = 0.0, 0, "ok"
     hit = None
+    cosine = spec.family.endswith(" cosine")
     for it in range(task.steps):
         t0 = time.perf_counter()
+        if cosine:
+            for grp in opt.param_groups:
+                grp["lr"] = cosine_lr(spec.lr, it, task.steps)
         opt.zero_grad(set_to_none=True)
         loss = task.loss(it)
         loss.backward()
         f = loss.item()
-        if elra_like:
+        if elra_like or spec.family == "ElraAdam":
             opt.step(f)
         else:
             opt.step()
@@ -169,6 +210,8 @@ def run_job(problem_name: str, spec: OptSpec, seed: int, quick: bool) -> dict:
         if task.eval_at(it + 1):
             m = evaluate()
             evals.append({"step": it + 1, "time": train_time, **m})
+            if spec.family == "ElraAdam":  # its own step size, for the research log
+                evals[-1]["lr"] = opt.param_groups[0]["lr"]
             if problem.target and hit is None and m[problem.target[0]] < problem.target[1]:
                 hit = it + 1
             if not math.isfinite(m[problem.curve]):
@@ -342,11 +385,12 @@ def problem_table(problem: Problem, runs: list[dict], notes: list[str]) -> str:
         retr = "-" if any(r["retraces"] is None for r in recs) else \
             f"{statistics.fmean(r['retraces'] for r in recs):.0f}"
         t = statistics.fmean(r["time"] for r in recs)
-        label = f"**{name}**" if name in best and recs[0]["family"] in ("Adam", "SGD") else name
+        label = f"**{name}**" if name in best and recs[0]["family"] in SWEPT else name
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {retr} | {t:.1f} |")
     tail = [f"Seeds {seeds}" + (" (one per start)" if problem.per_seed_table else
                                 "; mean ± sd over seeds") + f"; budget {budget} steps.",
-            "Adam and SGD (momentum 0.9): the best learning rate of the sweep in **bold**."]
+            "Adam and SGD (momentum 0.9), constant or with warm-up and cosine decay: the best "
+            "(peak) learning rate of each sweep in **bold**."]
     if problem.target:
         tail.append(f"Iterations: steps until {problem.target[0]} < {problem.target[1]:g} "
                     f"(every call of `step` counts, ELRA's retraces included).")
@@ -368,8 +412,8 @@ def headline_table(results: dict[str, list[dict]]) -> str:
                 txt = " / ".join(_cells(m, [r], budget) for r in recs)
             else:
                 txt = _cells(m, recs, budget)
-            if fam in ("Adam", "SGD"):
-                txt += f" (lr {recs[0]['lr']:g})"
+            if fam in SWEPT:
+                txt += f" ({'peak ' if fam.endswith('cosine') else ''}lr {recs[0]['lr']:g})"
             cells[(fam, pname)] = txt
     fams = [f for f in FAMILY_ORDER if any(k[0] == f for k in cells)]
     rows = ["| optimizer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -380,12 +424,13 @@ def headline_table(results: dict[str, list[dict]]) -> str:
 
 # --- plots ---------------------------------------------------------------------------------------
 def _style(fam: str, best: bool) -> dict:
-    colors = {"ELRA": "C3", REFERENCE: "C1", "Adam": "C0", "SGD": "C2", "Prodigy": "C4",
-              "Schedule-Free AdamW": "C5", "D-Adapt Adam": "C7"}
-    st = {"color": colors.get(fam, "k"), "lw": 2.2 if fam == "ELRA" else 1.5}
-    if fam == REFERENCE:
+    colors = {"ELRA": "C3", REFERENCE: "C1", "ElraAdam": "C6", "Adam": "C0", "Adam cosine": "C9",
+              "SGD": "C2", "SGD cosine": "C8", "Prodigy": "C4", "Schedule-Free AdamW": "C5",
+              "D-Adapt Adam": "C7"}
+    st = {"color": colors.get(fam, "k"), "lw": 2.2 if fam in ("ELRA", "ElraAdam") else 1.5}
+    if fam in (REFERENCE, "Adam cosine", "SGD cosine"):
         st.update(ls="--", lw=1.5)
-    if fam in ("Adam", "SGD") and not best:
+    if fam in SWEPT and not best:
         st.update(lw=0.8, alpha=0.45, ls=":")
     return st
 
@@ -429,7 +474,7 @@ def _panel(ax, problem: Problem, runs: list[dict], x: str, seeds: Optional[list[
         label = name + (" (diverged)" if any(r["status"] == "diverged" for r in recs) else "")
         ax.plot(xs, mean, label=label, **st)
         highest = max([highest, *hi])
-        if len(recs) > 1 and (fam not in ("Adam", "SGD") or name in best):
+        if len(recs) > 1 and (fam not in SWEPT or name in best):
             ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.12, lw=0)
     if problem.log_y:
         ax.set_yscale("log")
@@ -500,7 +545,8 @@ def plot_headline(results: dict[str, list[dict]], path: str) -> None:
         _panel(axes[k // cols][k % cols], problem, keep, "step", seeds, title)
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.suptitle("ELRA vs Adam and SGD (best of 3 learning rates) vs self-tuning optimizers")
+    fig.suptitle("ELRA and ElraAdam vs Adam and SGD (constant lr and warm-up + cosine, best of 3 "
+                 "learning rates) vs self-tuning optimizers")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -59,7 +59,12 @@ class Problem:
     # ELRA's arguments: batch_size, classes, lr, warmup (the reference's positional API); 8 is
     # the constructor's default batch_size (the deterministic problems and the digits anchor)
     elra: dict
-    sweeps: dict[str, tuple[float, ...]]  # learning rates of Adam and SGD (momentum 0.9)
+    # learning rates of Adam and SGD (momentum 0.9): constant ("Adam", "SGD"), and the peaks of a
+    # linear warm-up over 5% of the steps then cosine decay to zero ("Adam cosine", "SGD cosine"):
+    # the constant-lr winner and its neighbours x1/3 and x3; Adam cosine on digits and MNIST-1D one
+    # step higher (x1, x3, x10), because x1/3..x3 put the winner at its top (x10 won on both; the
+    # measurements are in benchmarks/results/elra_adam_research.md)
+    sweeps: dict[str, tuple[float, ...]]
     # (metric, value): the "iterations" metric counts the steps until the metric is first below it
     target: Optional[tuple[str, float]] = None
     seed_label: Callable[[int], str] = str
@@ -322,7 +327,9 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in (
             (Metric("iterations", "iterations to loss < 1e-4", "{:.0f}", "min"),
              Metric("loss", "final loss", "{:.3g}", "min")),
             {"batch_size": 8, "classes": 1, "lr": 1e-6, "warmup": 1},
-            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (1e-4, 3e-4, 1e-3)}, target=("loss", 1e-4),
+            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (1e-4, 3e-4, 1e-3),
+             "Adam cosine": (3e-2, 1e-1, 3e-1), "SGD cosine": (3e-4, 1e-3, 3e-3)},
+            target=("loss", 1e-4),
             seed_label=lambda s: "({:g}, {:g})".format(*ROSENBROCK_STARTS[s]), per_seed_table=True,
             plot_floor=1e-15),
     Problem("polyfit", "Cubic fit of sin(x), 2000 points (example 1, deterministic)",
@@ -331,30 +338,36 @@ PROBLEMS: dict[str, Problem] = {p.name: p for p in (
             (Metric("iterations", "iterations to within 1% of the optimum", "{:.0f}", "min"),
              Metric("rel_excess", "final (loss - optimum) / optimum", "{:.2e}", "min")),
             {"batch_size": 8, "classes": 1, "lr": 1e-6, "warmup": 1},
-            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (1e-6, 3e-6, 1e-5)}, target=("rel_excess", 0.01),
+            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (1e-6, 3e-6, 1e-5),
+             "Adam cosine": (3e-2, 1e-1, 3e-1), "SGD cosine": (1e-6, 3e-6, 1e-5)},
+            target=("rel_excess", 0.01),
             plot_floor=1e-6),  # float32 resolution of the loss (about 8.8)
     Problem("quadratic", "Noisy quadratic, 10k dimensions (stochastic)", "stochastic",
             build_quadratic, (0, 1, 2), (0,), "excess", "true loss f(x) - f* (log scale)", True,
             (Metric("excess", "final f(x) - f*", "{:.3g}", "min"),),
             {"batch_size": 1, "classes": 2, "lr": 1e-4, "warmup": 10},
-            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (0.01, 0.03, 0.1)}),
+            {"Adam": (1e-3, 1e-2, 1e-1), "SGD": (0.01, 0.03, 0.1),
+             "Adam cosine": (3e-3, 1e-2, 3e-2), "SGD cosine": (3e-3, 0.01, 0.03)}),
     Problem("digits", "digits MLP 64-128-10 (scikit-learn), batch 32", "stochastic",
             build_digits, (0, 1, 2), (0,), "train_loss", "training loss, full train set (log)",
             True,
             (Metric("test_acc", "test accuracy", "{:.4f}", "max"),
              Metric("train_loss", "final train loss", "{:.4f}", "min")),
             {"batch_size": 8, "classes": 10, "lr": 1e-4, "warmup": 10},
-            {"Adam": (3e-4, 1e-3, 3e-3), "SGD": (0.01, 0.03, 0.1)}),
+            {"Adam": (3e-4, 1e-3, 3e-3), "SGD": (0.01, 0.03, 0.1),
+             "Adam cosine": (3e-3, 1e-2, 3e-2), "SGD cosine": (0.03, 0.1, 0.3)}),
     Problem("mnist1d", "MNIST-1D, 1D CNN of 16.6k parameters, batch 64", "stochastic",
             build_mnist1d, tuple(range(8)), (0,), "test_loss", "test loss (log scale)", True,
             (Metric("test_acc", "test accuracy", "{:.4f}", "max"),
              Metric("train_loss", "final train loss", "{:.4f}", "min")),
             {"batch_size": 64, "classes": 10, "lr": 1e-4, "warmup": 10},
-            {"Adam": (3e-4, 1e-3, 3e-3), "SGD": (0.01, 0.03, 0.1)}),
+            {"Adam": (3e-4, 1e-3, 3e-3), "SGD": (0.01, 0.03, 0.1),
+             "Adam cosine": (3e-3, 1e-2, 3e-2), "SGD cosine": (0.01, 0.03, 0.1)}),
     Problem("bytelm", "Byte-level transformer LM (187k parameters), batch 32 x 64",
             "stochastic", build_bytelm, (0, 1, 2), (0,), "valid_loss",
             "validation loss (nats per byte)", False,
             (Metric("valid_loss", "validation loss (nats/byte)", "{:.3f}", "min"),),
             {"batch_size": 32, "classes": 256, "lr": 1e-4, "warmup": 10},
-            {"Adam": (1e-3, 3e-3, 1e-2), "SGD": (0.03, 0.1, 0.3)}),
+            {"Adam": (1e-3, 3e-3, 1e-2), "SGD": (0.03, 0.1, 0.3),
+             "Adam cosine": (3e-3, 1e-2, 3e-2), "SGD cosine": (0.1, 0.3, 1.0)}),
 )}
