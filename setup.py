@@ -1,4 +1,4 @@
-"""Build script for elra.
+"""Build script for elra's native kernels (the package's metadata is in pyproject.toml).
 
 The Python package always installs. Native kernels (C++ for CPU, CUDA for GPUs) are built from
 ``csrc/`` with ``torch.utils.cpp_extension``; the pure-torch kernels work without them.
@@ -16,9 +16,7 @@ Build with the installed torch: ``pip install --no-build-isolation -e .``
 import glob
 import os
 
-from setuptools import find_packages, setup
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from setuptools import setup
 
 
 def native_extensions():
@@ -36,6 +34,8 @@ def native_extensions():
                                     and CUDA_HOME is not None and bool(cu))
     # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds and compiles into our code
     flags = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    # what elra._C reports of itself (elra.native_status(), python -m elra)
+    macros = [("ELRA_BUILD_TORCH", f'"{torch.__version__}"')]
     if use_cuda:
         # No -std: torch's builder then picks the standard its headers need (C++20 from torch
         # 2.14 on, whose headers refuse C++17); the kernels (csrc/cuda/*.cu) compile with either.
@@ -45,14 +45,18 @@ def native_extensions():
         # GPU would compute a different function than the CPU kernels; these kernels are bound
         # by memory bandwidth, not arithmetic.
         nvcc = ["-O3"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not archs:
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                      "-gencode=arch=compute_90,code=compute_90"]
+            archs = "8.0 9.0+PTX"
+        macros.append(("ELRA_CUDA_ARCHS", f'"{archs}"'))
         cuda_flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": nvcc}
         ext = CUDAExtension("elra._C", cpp + glue + cu, extra_compile_args=cuda_flags,
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=["-fopenmp"], define_macros=macros)
     else:
-        ext = CppExtension("elra._C", cpp, extra_compile_args=flags, extra_link_args=["-fopenmp"])
+        ext = CppExtension("elra._C", cpp, extra_compile_args=flags, extra_link_args=["-fopenmp"],
+                           define_macros=macros)
 
     class TolerantBuildExtension(BuildExtension):
         """Skips the kernels with a warning when their build fails, unless a build was forced."""
@@ -72,34 +76,5 @@ def native_extensions():
 
 
 ext_modules, cmdclass = native_extensions()
-
-with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
-    long_description = fh.read()
-version = {}
-with open(os.path.join(HERE, "elra", "_version.py"), encoding="utf-8") as fh:
-    exec(fh.read(), version)  # the one place the version is written
-
-setup(
-    name="elra",
-    version=version["__version__"],
-    description="ELRA/P2M: a self-tuning gradient descent optimizer for PyTorch",
-    long_description=long_description,
-    long_description_content_type="text/markdown",
-    license="GPL-3.0-or-later",
-    packages=find_packages(include=["elra", "elra.*"]),
-    package_data={"elra": ["docs/*.md"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.1"],
-    extras_require={
-        "test": ["pytest", "hypothesis", "numpy", "scikit-learn"],
-        "dist-test": ["lightning", "accelerate"],  # tests/test_frameworks.py (requirements-dist.txt)
-        "bench": ["tqdm", "matplotlib", "numpy", "scikit-learn"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    classifiers=[
-        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
-        "Programming Language :: Python :: 3",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
-)
+# the package's metadata (name, version, license, dependencies, extras) is in pyproject.toml
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

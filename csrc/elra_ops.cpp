@@ -652,8 +652,35 @@ TORCH_LIBRARY_IMPL(elra, CPU, m) {
   m.impl("fixup", &elra::fixup_cpu);
 }
 
-// An empty module: importing elra._C registers the operators above.
+// The instruction set the float32 kernels use on this CPU (after ELRA_CPU_ISA's cap).
+static const char* cpu_isa_in_use() {
+#ifdef ELRA_HAVE_AVX2_PATH
+  if (elra::cpu_has_avx512()) return "avx512";  // step_fused; the others then use AVX2
+  if (elra::cpu_has_avx2()) return "avx2";
+#endif
+  return "generic";
+}
+
+#ifndef ELRA_CUDA_ARCHS
+#define ELRA_CUDA_ARCHS ""
+#endif
+#ifndef ELRA_BUILD_TORCH
+#define ELRA_BUILD_TORCH ""
+#endif
+
+// Importing elra._C registers the operators above. The module itself only says what this
+// build is: the CPU instruction set in use, the CUDA architectures compiled for (empty in a CPU
+// build), the compiler and the torch it was built against (elra.native_status()).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "cpu_isa", cpu_isa_in_use()) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_archs", ELRA_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(m, "compiler", __VERSION__) < 0 ||
+      PyModule_AddStringConstant(m, "built_against_torch", ELRA_BUILD_TORCH) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

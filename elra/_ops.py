@@ -137,8 +137,17 @@ def native_status() -> dict:
     """What native support this installation has.
 
     Returns a dict with ``built`` (the extension loaded), ``cpu`` and ``cuda`` (kernels present
-    for that device type) and ``error`` (why the extension did not load, or ``None``).
+    for that device type), ``error`` (why the extension did not load, or ``None``) and ``build``
+    (what the extension reports of itself: ``cpu_isa``, the instruction set its CPU kernels use
+    here; ``cuda_archs``, the CUDA architectures compiled for, empty in a CPU build;
+    ``compiler``; ``built_against_torch``; ``None`` without the extension).
     """
+    build = None
+    if _native is not None:
+        from . import _C
+
+        build = {k: getattr(_C, k, "") for k in ("cpu_isa", "cuda_archs", "compiler",
+                                                  "built_against_torch")}
     return {"built": _native is not None, "cpu": has_kernels_for(torch.device("cpu")),
             "cuda": _native is not None and has_kernels_for(torch.device("cuda")),
-            "error": _error}
+            "error": _error, "build": build}

@@ -4,10 +4,24 @@ ELRA's large steps make the path oscillate; the average of recent accepted point
 much better model long before training ends. The average is for evaluation only: it reads the
 parameters and never writes them, so enabling boosting never changes the optimizer's path.
 
-The average restarts each time :meth:`Booster.take` hands out a model (so calling
-``get_boost_model`` once per epoch averages each epoch), and it never spans much more than
-``cycle`` accepted points: when the count reaches ``cycle`` it is halved, so older points fade
-instead of the average ever being reset to a single point.
+The average restarts each time ``get_boost_model`` hands out a model (so calling it once per
+epoch averages each epoch), and it never spans much more than ``cycle`` accepted points: when
+the count reaches ``cycle`` it is halved, so older points fade instead of the average ever being
+reset to a single point.
+
+:class:`Boosting` holds the optimizer's boosting methods: ``get_boost_model`` (a copy of the
+model at the average) and ``eval()`` / ``train()`` (the average put into the model in place,
+and the training point back: the convention of Schedule-Free optimizers, which the Hugging Face
+Trainer and accelerate follow by themselves).
+
+[note: evaluation mode]
+``eval()`` keeps a copy of the training point (one buffer of the parameters' size) and writes
+the average into the parameters; ``train()`` writes the copy back and frees it. A step in
+evaluation mode raises (its gradient would belong to the average, not to the path). While in
+evaluation mode, ``state_dict()`` holds the training point as the per-parameter state
+``"train_point"`` (the model's own state dict then holds the average), so that a checkpoint
+saved in either mode resumes the same path: loading one saved in evaluation mode enters
+evaluation mode, and ``train()`` puts the saved training point into the parameters.
 """
 
 from __future__ import annotations
@@ -93,3 +107,69 @@ def boost_call(booster: Optional[Booster], buffers: list[FlatBuffer], enable: bo
            booster.model_copy(buffers, model, torch.device(device) if device else None))
     booster.restart()
     return booster, out
+
+
+class Boosting:
+    """The boosting methods of ``ElraOptimizer`` (a mixin; see the module's note)."""
+
+    def get_boost_model(self, enable: bool = True, model: Optional[torch.nn.Module] = None,
+                        device=None):
+        """Turn boosting (an equal-weight average of the accepted points; it never changes
+        the path) on or off and get the averaged model.
+
+        Returns ``(count, avg_loss, model_copy)``: points averaged, their mean loss (NaN if
+        none), and a deep copy of ``model`` (or the constructor's) at the average, on
+        ``device`` if given; ``None`` when boosting was just turned on, nothing was averaged or
+        no model is known. Handing out a model restarts the average (once per epoch: each
+        epoch's average). ``enable=False`` frees it. ``NotImplementedError`` for sharded
+        parameters (ZeRO, FSDP2), where no rank holds the whole model.
+        """
+        st = self._stepper
+        if enable and self.sharded:
+            raise NotImplementedError("boosting needs the whole model on this process; it is not "
+                                      "available for sharded parameters (ZeRO, FSDP2)")
+        st.resolve()
+        if not enable and self._train_point is not None:
+            self.train()
+        booster, out = boost_call(st.booster, self._layout.buffers, enable,
+                                  model if model is not None else self._model, device)
+        if booster is not st.booster:
+            st.booster = booster
+            self._views.publish(self._vectors())
+        return out
+
+    def _vectors(self) -> dict:
+        """The vectors the state views show: the engine's, boosting's, the training point."""
+        out = self._stepper.vectors()
+        if self._train_point is not None:
+            out["train_point"] = self._train_point
+        return out
+
+    def eval(self) -> None:
+        """Put the boosted average into the model's parameters, in place, for evaluation
+        (Schedule-Free's convention: the Hugging Face Trainer and accelerate call it). Does
+        nothing when boosting is off or has no point yet, and when already in evaluation
+        mode. Buffers such as BatchNorm's running statistics are not averaged. A step raises
+        until :meth:`train` (see [note: evaluation mode] in ``elra/boost.py``)."""
+        st = self._stepper
+        st.resolve()
+        if self._train_point is not None or st.booster is None or st.booster.count == 0:
+            return
+        with torch.no_grad():
+            self._train_point = [b.data.clone() for b in self._layout.buffers]
+            for b, avg in zip(self._layout.buffers, st.booster.average):
+                b.data.copy_(avg)
+            self._layout.push()
+        self._views.publish(self._vectors())
+
+    def train(self) -> None:
+        """Put the training point back into the parameters after :meth:`eval` (nothing to do
+        otherwise, also before the first step)."""
+        if self._train_point is None:
+            return
+        with torch.no_grad():
+            for b, x in zip(self._layout.buffers, self._train_point):
+                b.data.copy_(x)
+            self._layout.push()
+        self._train_point = None
+        self._views.publish(self._vectors())

@@ -38,6 +38,7 @@ def extra_state(opt) -> dict:
         "last_outcome": st.last_outcome,
         "recorded_loss": list(opt._recorded),
         "pending_losses": list(opt._pending_losses),
+        "evaluating": opt._train_point is not None,  # see [note: evaluation mode] (boost.py)
     }
 
 
@@ -163,7 +164,10 @@ def apply(opt, new: Loaded, sd: dict) -> None:
     opt._pending_losses = [None if v is None else float(v)
                            for v in extra.get("pending_losses", [None, None])]
     opt._shown_lr = float(extra.get("shown_lr", opt._shown_lr))
-    opt._views.publish(st.vectors())
+    saved_eval = bool(extra.get("evaluating", False)) and new.booster is not None and \
+        any("train_point" in e for e in sd["state"].values())
+    opt._train_point = [b.data.clone() for b in opt._layout.buffers] if saved_eval else None
+    opt._views.publish(opt._vectors())
     for sid, entry in sd["state"].items():
         p = new.index[sid]
         for name, t in entry.items():

@@ -14,7 +14,7 @@ import torch
 
 from . import _args, checkpoint
 from ._step_hooks import hooked
-from .boost import boost_call
+from .boost import Boosting
 from .control import INITIAL_LR, LossControl
 from .distributed import AUTO, LossAgreement, ZeroPublisher, resolve_process_group, sharding_of
 from .engine import Engine, make_engine
@@ -25,7 +25,7 @@ logger = logging.getLogger("elra")
 _NAN = float("nan")
 
 
-class ElraOptimizer(torch.optim.Optimizer):
+class ElraOptimizer(Boosting, torch.optim.Optimizer):
     """ELRA/P2M: gradient descent that sets its own step size from the angle of consecutive
     gradients, retraces failed steps, grows its batch and controls its weight decay.
 
@@ -88,7 +88,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         self.mode = _args.mode_name(mode)
         self._group = resolve_process_group(process_group)
         self._agreement = LossAgreement(self._group) if self._group is not None else None
-        self._ready, self._model, self._warned = False, model, set()
+        self._ready, self._model, self._warned, self._train_point = False, model, set(), None
         super().__init__(params, {"lr": a["lr"], "weight_decay": a["weight_decay"]})
         self._engine_choice = engine
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -102,7 +102,7 @@ class ElraOptimizer(torch.optim.Optimizer):
         self._stepper = Stepper(control, self._new_engine(a["lr"], control.stochastic,
                                                           a["momentum"], control.collects))
         self._views = StateViews(self._layout, self.state)
-        self._views.publish(self._stepper.vectors())
+        self._views.publish(self._vectors())
         if self._zero is not None:
             self._zero.attach(self.param_groups)
         self._ready = True
@@ -120,14 +120,15 @@ class ElraOptimizer(torch.optim.Optimizer):
 
     def _rebuild(self) -> None:
         """Lay the parameters out anew (the parameter set changed), carrying all state over."""
+        self.train()  # the training point back into the parameters (if evaluating)
         st = self._stepper
-        old = self._layout.views(st.vectors())
+        old = self._layout.views(self._vectors())
         self._layout = Layout(self.param_groups, self._sharding.mirror)
         st.move_to(self._layout.buffers,
                    self._new_engine(1.0, st.control.stochastic, st.engine.momentum))
         self._views = StateViews(self._layout, self.state)
-        self._views.publish(st.vectors())
-        copy_views(old, self._layout.views(st.vectors()))
+        self._views.publish(self._vectors())
+        copy_views(old, self._layout.views(self._vectors()))
         logger.info("elra: parameter layout rebuilt (%d buffers, %d elements)",
                     len(self._layout.buffers), self._layout.numel)
 
@@ -189,6 +190,9 @@ class ElraOptimizer(torch.optim.Optimizer):
         """Bring layout, groups and the last step up to date; the loss and flags all ranks
         decide from (see :mod:`elra.distributed`). Validation/training losses recorded since
         the last call go to the control law."""
+        if self._train_point is not None:
+            raise RuntimeError("ElraOptimizer is in evaluation mode (eval() put the boosted "
+                               "average into the parameters): call optimizer.train() first")
         if self._zero is not None:
             self._zero.adopt(self)
         if self._layout.changed(self.param_groups):
@@ -214,7 +218,7 @@ class ElraOptimizer(torch.optim.Optimizer):
     def _end_call(self) -> None:
         st = self._stepper
         self._layout.push()
-        self._views.follow(st.vectors, st.engine.direction, st.engine.collected is not None)
+        self._views.follow(self._vectors, st.engine.direction, st.engine.collected is not None)
         self._shown_lr = float(st.engine.step_size if st.control.started else self._shown_lr)
         for g in self.param_groups:
             g["lr"] = self._shown_lr
@@ -283,7 +287,7 @@ class ElraOptimizer(torch.optim.Optimizer):
                            [g["weight_decay"] for g in self.param_groups])
         self._end_call()
 
-    # --- weight-decay control and boosting --------------------------------------------------------
+    # --- weight-decay control (boosting: elra/boost.py) -------------------------------------------
     def set_valid_loss(self, loss: Union[float, torch.Tensor], *_ignored: Any, **_kw: Any) -> None:
         """Record a validation loss (e.g. once per epoch) for the dynamic weight decay: with
         :meth:`set_train_loss` too, ELRA decays harder while it exceeds the training loss. Used
@@ -295,30 +299,6 @@ class ElraOptimizer(torch.optim.Optimizer):
         """Record a training loss (e.g. the epoch mean) for the dynamic weight decay; used at
         the next ``step`` like :meth:`set_valid_loss`."""
         self._pending_losses[1] = _args.finite_loss(loss, "training loss")
-
-    def get_boost_model(self, enable: bool = True, model: Optional[torch.nn.Module] = None,
-                        device: Any = None):
-        """Turn boosting (an equal-weight average of the accepted points; it never changes
-        the path) on or off and get the averaged model.
-
-        Returns ``(count, avg_loss, model_copy)``: points averaged, their mean loss (NaN if
-        none), and a deep copy of ``model`` (or the constructor's) at the average, on
-        ``device`` if given; ``None`` when boosting was just turned on, nothing was averaged or
-        no model is known. Handing out a model restarts the average (once per epoch: each
-        epoch's average). ``enable=False`` frees it. ``NotImplementedError`` for sharded
-        parameters (ZeRO, FSDP2), where no rank holds the whole model.
-        """
-        st = self._stepper
-        if enable and self.sharded:
-            raise NotImplementedError("boosting needs the whole model on this process; it is not "
-                                      "available for sharded parameters (ZeRO, FSDP2)")
-        st.resolve()
-        booster, out = boost_call(st.booster, self._layout.buffers, enable,
-                                  model if model is not None else self._model, device)
-        if booster is not st.booster:
-            st.booster = booster
-            self._views.publish(st.vectors())
-        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Those of the optimized parameters are views of one flat buffer:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up ./.venv with torch (CPU build 2.13.0 unless ELRA_TORCH says otherwise), the test and
 # benchmark dependencies, the training frameworks the tests run ELRA under (requirements-dist.txt:
-# Lightning, accelerate; installed after torch, they keep it), and elra itself (editable, built
-# against the installed torch).
+# Lightning, accelerate, transformers; installed after torch, they keep it), and elra itself
+# (editable, built against the installed torch).
 # Idempotent: a second run only re-installs elra. Meant to be sourced by bench.sh / test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pipq install -r "$ROOT/requirements-dev.txt"
   # the frameworks must not replace the pinned torch (a CUDA build would be several GB)
   pipq install -r "$ROOT/requirements-dist.txt" "$TORCH_SPEC"
-  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest, lightning, accelerate"
+  "$VENV/bin/python" -c "import torch, sklearn, hypothesis, pytest, build, lightning, accelerate, transformers"
   echo "$want" > "$stamp"
 fi
 echo "[setup] installing elra (editable, native kernels built against the installed torch)"

@@ -108,7 +108,7 @@ import torch, elra
 from elra import ElraOptimizer
 st = elra.native_status()
 assert st == {"built": False, "cpu": False, "cuda": False,
-              "error": "disabled by ELRA_DISABLE_NATIVE"}, st
+              "error": "disabled by ELRA_DISABLE_NATIVE", "build": None}, st
 p = torch.nn.Parameter(torch.ones(3))
 opt = ElraOptimizer([p], regime="stochastic")
 assert opt.engine_name == "torch"

@@ -107,3 +107,81 @@ def test_problems_build_and_evaluate(name):
     m = task.evaluate()
     assert problem.curve in m
     assert all(k.key in m or k.key == "iterations" for k in problem.metrics)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    steps = 200  # warm-up: the first 5% = 10 steps
+    lrs = [cv.cosine_lr(0.5, it, steps) for it in range(steps)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[9] == pytest.approx(0.5)
+    assert lrs[10] == pytest.approx(0.5) and max(lrs) == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 1e-3 * 0.5 and cv.cosine_lr(0.5, 105, steps) == pytest.approx(0.25)
+
+
+def test_new_families_on_every_problem():
+    """ElraAdam runs on every problem with one configuration; the cosine baselines sweep three
+    peak learning rates and --quick runs the QUICK_LR one, which is in the sweep."""
+    for name, problem in PROBLEMS.items():
+        specs, _ = cv.optimizer_specs(problem, quick=False, reference=False)
+        assert [s.name for s in specs if s.family == "ElraAdam"] == ["ElraAdam"]
+        for fam in ("Adam cosine", "SGD cosine"):
+            lrs = [s.lr for s in specs if s.family == fam]
+            assert lrs == list(problem.sweeps[fam]) and len(lrs) == 3
+            quick, _ = cv.optimizer_specs(problem, quick=True, reference=False)
+            assert [s.lr for s in quick if s.family == fam] == [cv.QUICK_LR[name][fam]]
+            assert cv.QUICK_LR[name][fam] in problem.sweeps[fam]
+
+
+def test_elra_adam_and_cosine_runs_train_digits():
+    """In-process quick digits runs: ElraAdam (no learning rate) and the cosine baselines learn."""
+    for spec in (cv.OptSpec("ElraAdam", "ElraAdam"),
+                 cv.OptSpec("Adam cosine lr=0.003", "Adam cosine", 3e-3),
+                 cv.OptSpec("SGD cosine lr=0.1", "SGD cosine", 0.1)):
+        rec = cv.run_job("digits", spec, 0, True)
+        assert rec["status"] == "ok" and rec["metrics"]["test_acc"] > 0.93, (spec, rec["metrics"])
+        if spec.family == "ElraAdam":
+            lrs = [e["lr"] for e in rec["evals"][1:]]
+            assert len(set(lrs)) > 1 and all(1e-6 < v < 1 for v in lrs)  # its own step size moves
+
+
+def test_elra_adam_never_writes_a_non_finite_value():
+    """A NaN loss, an inf loss and an inf gradient retrace to the last good point; the step size
+    shrinks; a bare step() works; the run goes on afterwards."""
+    opt_cls = cv.elra_adam_class()
+    torch = cv.torch
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(20))
+    opt = opt_cls([w])
+    X = torch.randn(64, 20)
+    y = X @ torch.randn(20)
+
+    def loss_fn():
+        return ((X @ w - y) ** 2).mean()
+
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss)
+    good = w.detach().clone()
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step(loss_fn())            # moves to a new point...
+    moved = w.detach().clone()
+    assert not torch.equal(moved, good)
+    lr = opt.param_groups[0]["lr"]
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step(float("nan"))         # ...whose loss is NaN: back to the last good point
+    assert torch.allclose(w.detach(), good, atol=1e-6) and opt.param_groups[0]["lr"] < lr
+    w.grad = torch.full_like(w, float("inf"))
+    opt.step()                     # bare step, inf gradient: no move, no inf written
+    assert torch.isfinite(w).all() and torch.allclose(w.detach(), good, atol=1e-6)
+    before = loss_fn().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()                 # bare steps train
+    assert torch.isfinite(w).all() and loss_fn().item() < before
+    assert str(opt.last_outcome) == "accepted"

@@ -60,7 +60,9 @@ def same_params(a, b):
 
 
 # --- Lightning -------------------------------------------------------------------------------------
-def lightning_run(X, y, seed, precision, callbacks=(), logger=False):
+def lightning_run(X, y, seed, precision, callbacks=(), logger=False, set_loss=False):
+    """``set_loss``: training_step hands the loss to ELRA (the manual's recipe for 16-mixed,
+    where torch's GradScaler calls a bare optimizer.step())."""
     pl = require("lightning.pytorch")
 
     class DigitsModule(pl.LightningModule):
@@ -70,17 +72,27 @@ def lightning_run(X, y, seed, precision, callbacks=(), logger=False):
 
         def training_step(self, batch, batch_idx):
             xb, yb = batch
-            return torch.nn.functional.cross_entropy(self.net(xb).float(), yb)
+            loss = torch.nn.functional.cross_entropy(self.net(xb).float(), yb)
+            if set_loss:
+                self.optimizers().optimizer.set_loss(loss.detach())
+            return loss
 
         def configure_optimizers(self):
             return digits_anchor_optimizer(self.net)
 
     loader, split = digits_loader(X, y, seed)
     module = DigitsModule()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=20, precision=precision,
-                         logger=logger, callbacks=list(callbacks), log_every_n_steps=1,
+    kw = {"precision": precision}
+    if precision == "16-mixed":  # on the CPU Lightning turns the string into bf16-mixed; the
+        from lightning.pytorch.plugins import MixedPrecision  # plugin keeps fp16 and its scaler
+
+        # a scale far too high at first: the early steps overflow and are skipped
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+        kw = {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=scaler)]}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=20, logger=logger,
+                         callbacks=list(callbacks), log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, **kw)
     trainer.fit(module, train_dataloaders=loader)
     return module.net, evaluate(module.net, split), trainer
 
@@ -145,6 +157,23 @@ def test_lightning_bf16_mixed_reaches_the_bar(digits):
     X, y = digits
     accs = [lightning_run(X, y, seed, "bf16-mixed")[1][1] for seed in DIGITS_SEEDS]
     assert sum(accs) / len(accs) >= BAR, accs
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_lightning_16_mixed_with_torch_grad_scaler(digits, digits_anchor):
+    """precision="16-mixed": Lightning's torch.amp.GradScaler skips steps whose scaled gradients
+    overflow (ELRA never sees them) and calls a bare step() otherwise; with the loss handed over
+    in training_step the run trains like the float32 one."""
+    X, y = digits
+    for seed, (_, hand_acc, _, _) in zip(DIGITS_SEEDS, digits_anchor):
+        net, (loss, acc), trainer = lightning_run(X, y, seed, "16-mixed", set_loss=True)
+        opt = trainer.optimizers[0]
+        scaler = trainer.precision_plugin.scaler
+        assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() < 2.0 ** 30
+        assert 840 < opt.stats["steps"] < 880  # the steps that overflowed were skipped
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        assert opt.stats["no_loss_steps"] == 0  # every step had its loss
+        assert abs(acc - hand_acc) <= 0.01, (acc, hand_acc)
 
 
 # --- accelerate ------------------------------------------------------------------------------------

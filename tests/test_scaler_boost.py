@@ -161,3 +161,137 @@ def test_boost_cycle_halves_the_count():
         counts.append(b.count)
     assert max(counts) == 10 and counts[10] == 6 and 5 < b.count <= 10
     assert b.avg_loss < 24 and b.average[0][0].item() > 12  # weighted towards recent points
+
+
+# --- eval() / train(): the average in place -----------------------------------------------------
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_eval_and_train_before_any_step_and_without_boosting_change_nothing():
+    model, opt = setup()
+    before = params_of(model)
+    opt.eval()  # before the first step, boosting off: nothing to put in
+    opt.train()
+    opt.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    train(model, opt, 5)
+    opt.eval()  # boosting off: the training point stays, steps go on
+    train(model, opt, 5)
+    assert opt.last_outcome == "accepted"
+    opt.get_boost_model(True)
+    opt.eval()  # on, but nothing averaged yet
+    train(model, opt, 3)
+    assert opt.last_outcome == "accepted"
+
+
+def test_eval_puts_the_average_in_place_and_train_takes_it_back():
+    model_a, opt_a = setup()
+    model_b, opt_b = setup()
+    for m, o in ((model_a, opt_a), (model_b, opt_b)):
+        o.get_boost_model(True)
+        train(m, o, 40)
+    expected = [p.detach().clone() for p in opt_a.get_boost_model(True, model_a)[2].parameters()]
+    training_point = params_of(model_b)
+    storage = next(model_b.parameters()).untyped_storage().data_ptr()
+    opt_b.eval()
+    opt_b.eval()  # idempotent: the training point is not lost
+    for p, q in zip(model_b.parameters(), expected):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+    assert next(model_b.parameters()).untyped_storage().data_ptr() == storage  # in place
+    with pytest.raises(RuntimeError, match="train()"):
+        x, y = data(99)
+        ((model_b(x) - y) ** 2).mean().backward()
+        opt_b.step(1.0)
+    opt_b.train()
+    opt_b.train()
+    assert all(torch.equal(a, b) for a, b in zip(training_point, model_b.parameters()))
+    # and the path goes on as if eval/train had never been called (the get_boost_model call
+    # on opt_a restarted its average; the path never depends on it)
+    train(model_a, opt_a, 20)
+    train(model_b, opt_b, 20)
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_checkpoints_in_either_mode_resume_the_same_path(mode):
+    """A checkpoint saved in evaluation mode holds the averaged model (model.state_dict()) and
+    the training point (the optimizer's state): loading it and calling train() resumes exactly
+    the uninterrupted run."""
+    from conftest import roundtrip
+
+    model_a, opt_a = setup()
+    opt_a.get_boost_model(True)
+    train(model_a, opt_a, 60)
+    model_b, opt_b = setup()
+    opt_b.get_boost_model(True)
+    train(model_b, opt_b, 30)
+    if mode == "eval":
+        opt_b.eval()
+    ckpt = roundtrip({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
+    assert ("train_point" in ckpt["opt"]["state"][0]) == (mode == "eval")
+    model_c, opt_c = setup(seed=7)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    opt_c.train()  # the Trainer calls it before training; a no-op when saved in train mode
+    opt_b.train()
+    for m, o in ((model_b, opt_b), (model_c, opt_c)):
+        for i in range(30, 60):
+            x, y = data(i)
+            o.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            o.step(loss.item())
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_c.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_eval_leaves_buffers_alone():
+    """Only the optimized parameters are averaged: BatchNorm's running statistics (buffers)
+    stay what the training run made them (the manual says how to recompute them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 1))
+    opt = ElraOptimizer(model.parameters(), model, lr=1e-3, regime="stochastic")
+    opt.get_boost_model(True)
+    train(model, opt, 20)
+    stats = [b.clone() for b in model.buffers()]
+    opt.eval()
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    opt.train()
+
+
+# --- torch's own GradScaler around ELRA ------------------------------------------------------------
+@pytest.mark.slow
+def test_torch_grad_scaler_in_a_hand_written_loop(digits, digits_anchor):
+    """torch.amp.GradScaler with float16 autocast (on the CPU): scaler.step(optimizer, loss)
+    passes the loss on to ELRA; steps whose scaled gradients overflow are skipped by the scaler
+    (so nothing non-finite reaches the parameters) and the run trains like the float32 one."""
+    from conftest import digits_anchor_optimizer, digits_split, mlp, one_thread
+
+    X, y = digits
+    with one_thread():
+        for seed, (_, hand_acc, _, _) in zip((0, 1, 2), digits_anchor):
+            Xtr, ytr, Xte, yte, g = digits_split(X, y, seed)
+            model = mlp(seed)
+            opt = digits_anchor_optimizer(model)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # overflows at first
+            skipped = 0
+            for _ in range(20):
+                p = torch.randperm(1400, generator=g)
+                for i in range(0, 1400, 32):
+                    idx = p[i:i + 32]
+                    opt.zero_grad()
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        loss = torch.nn.functional.cross_entropy(model(Xtr[idx]).float(),
+                                                                 ytr[idx])
+                    before = opt.stats["steps"]
+                    scaler.scale(loss).backward()
+                    scaler.step(opt, loss.item())
+                    scaler.update()
+                    skipped += opt.stats["steps"] == before
+                    assert all_finite(model.parameters())
+            with torch.no_grad():
+                acc = (model(Xte).argmax(1) == yte).float().mean().item()
+            assert 0 < skipped < 40 and scaler.get_scale() < 2.0 ** 30
+            assert opt.stats["no_loss_steps"] == 0 and abs(acc - hand_acc) <= 0.01, (acc, hand_acc)
