@@ -45,7 +45,11 @@ constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PACK_BYTES = 16;
 constexpr int MIN_PACKS_PER_THREAD = 4;
+#ifdef ELRA_CUDA_MAX_BLOCKS_PER_SEGMENT  // lowered by the emulated tests: many grid-stride passes
+constexpr int MAX_BLOCKS_PER_SEGMENT = ELRA_CUDA_MAX_BLOCKS_PER_SEGMENT;
+#else
 constexpr int MAX_BLOCKS_PER_SEGMENT = 1024;
+#endif
 // update: at most 64 registers per thread (4 blocks, half the threads of an SM resident); left
 // alone, the compiler unrolls the pack loop of the float32 step to over 90 and 2 blocks
 constexpr int UPDATE_MIN_BLOCKS = 4;
@@ -315,13 +319,14 @@ cudaError_t reduce_typed(const void* g, const void* d, const void* x, const Segm
   const T* xp = static_cast<const T*>(x);
   if (blocks > 0) {
     if (with_x)
-      reduce_kernel<T, true><<<blocks, THREADS, 0, stream>>>(gp, dp, xp, L, partials);
+      ELRA_LAUNCH(blocks, THREADS, 0, stream, reduce_kernel<T, true>)(gp, dp, xp, L, partials);
     else
-      reduce_kernel<T, false><<<blocks, THREADS, 0, stream>>>(gp, dp, nullptr, L, partials);
+      ELRA_LAUNCH(blocks, THREADS, 0, stream, reduce_kernel<T, false>)(gp, dp, nullptr, L,
+                                                                       partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  reduce_finish_kernel<<<1, THREADS, 0, stream>>>(partials, L, with_x, out);
+  ELRA_LAUNCH(1, THREADS, 0, stream, reduce_finish_kernel)(partials, L, with_x, out);
   return cudaGetLastError();
 }
 
@@ -402,15 +407,15 @@ cudaError_t fused_typed(void* x, const void* dp, void* dn, const void* g, const 
     const Acc ai = static_cast<Acc>(inv), ab = static_cast<Acc>(momentum);
     const Acc as = static_cast<Acc>(step);
     if (with_x)
-      fused_kernel<T, true><<<blocks, THREADS, 0, stream>>>(xt, dpt, dnt, gt, L, W, scal, ai,
-                                                            ab, as, partials);
+      ELRA_LAUNCH(blocks, THREADS, 0, stream, fused_kernel<T, true>)(xt, dpt, dnt, gt, L, W,
+                                                                     scal, ai, ab, as, partials);
     else
-      fused_kernel<T, false><<<blocks, THREADS, 0, stream>>>(xt, dpt, dnt, gt, L, W, scal, ai,
-                                                             ab, as, partials);
+      ELRA_LAUNCH(blocks, THREADS, 0, stream, fused_kernel<T, false>)(xt, dpt, dnt, gt, L, W,
+                                                                      scal, ai, ab, as, partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  reduce_finish_kernel<<<1, THREADS, 0, stream>>>(partials, L, with_x, out);
+  ELRA_LAUNCH(1, THREADS, 0, stream, reduce_finish_kernel)(partials, L, with_x, out);
   return cudaGetLastError();
 }
 
@@ -444,9 +449,9 @@ cudaError_t fixup_typed(void* x, const void* dp, void* dn, const void* g, const 
   const Layout L = make_layout(seg, 1);
   const int blocks = L.first_block[L.nseg];
   if (blocks == 0) return cudaSuccess;
-  fixup_kernel<T><<<blocks, THREADS, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(dp),
-                                                  static_cast<T*>(dn), static_cast<const T*>(g),
-                                                  L, scal, coef, static_cast<acc_t<T>>(momentum));
+  ELRA_LAUNCH(blocks, THREADS, 0, stream, fixup_kernel<T>)(
+      static_cast<T*>(x), static_cast<const T*>(dp), static_cast<T*>(dn),
+      static_cast<const T*>(g), L, scal, coef, static_cast<acc_t<T>>(momentum));
   return cudaGetLastError();
 }
 
@@ -507,13 +512,12 @@ cudaError_t collect_typed(void* coll, const void* g, int64_t n, double weight, d
   if (workspace_bytes < static_cast<size_t>(blocks) * sizeof(double)) return cudaErrorInvalidValue;
   double* partials = static_cast<double*>(workspace);
   if (blocks > 0) {
-    collect_kernel<T><<<blocks, THREADS, 0, stream>>>(static_cast<T*>(coll),
-                                                      static_cast<const T*>(g), n, weight, first,
-                                                      partials);
+    ELRA_LAUNCH(blocks, THREADS, 0, stream, collect_kernel<T>)(
+        static_cast<T*>(coll), static_cast<const T*>(g), n, weight, first, partials);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  collect_finish_kernel<<<1, THREADS, 0, stream>>>(partials, blocks, inv, is_half, scal);
+  ELRA_LAUNCH(1, THREADS, 0, stream, collect_finish_kernel)(partials, blocks, inv, is_half, scal);
   return cudaGetLastError();
 }
 
@@ -609,9 +613,9 @@ cudaError_t update_typed(void* x, void* d, const void* g, void* xg, const double
   const Layout L = make_layout(seg, Pack<T>::N);
   const int blocks = L.first_block[L.nseg];
   if (blocks == 0) return cudaSuccess;
-  update_kernel<T><<<blocks, THREADS, 0, stream>>>(static_cast<T*>(x), static_cast<T*>(d),
-                                                   static_cast<const T*>(g), static_cast<T*>(xg),
-                                                   scal, coef, L, momentum);
+  ELRA_LAUNCH(blocks, THREADS, 0, stream, update_kernel<T>)(
+      static_cast<T*>(x), static_cast<T*>(d), static_cast<const T*>(g), static_cast<T*>(xg), scal,
+      coef, L, momentum);
   return cudaGetLastError();
 }
 
@@ -691,7 +695,7 @@ cudaError_t launch_collect(DType dtype, void* coll, const void* g, int64_t n, do
 cudaError_t launch_finalize(const double* red, double* scal, double* coef,
                             const FinalizeParams& p, cudaStream_t stream) {
   if (p.nseg < 0 || p.nseg > MAX_SEGMENTS) return cudaErrorInvalidValue;
-  finalize_kernel<<<1, 1, 0, stream>>>(red, scal, coef, p);
+  ELRA_LAUNCH(1, 1, 0, stream, finalize_kernel)(red, scal, coef, p);
   return cudaGetLastError();
 }
 

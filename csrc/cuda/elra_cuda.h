@@ -26,6 +26,13 @@
 
 #include "../elra_math.h"
 
+// Every kernel launch of elra_cuda.cu: ELRA_LAUNCH(grid, block, smem, stream, kernel)(args...)
+// is kernel<<<grid, block, smem, stream>>>(args...) for nvcc. The CPU emulation of the tests
+// (emulation/cuda_runtime.h, first on their include path) defines it as a call of its launcher.
+#ifndef ELRA_LAUNCH
+#define ELRA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace elra {
 namespace cuda {
 
