@@ -144,6 +144,8 @@ class Engine:
         if self._view is not None:
             return self._view
         self._host = self._scal.cpu().numpy()
+        if self._scal.device.type == "cpu":  # driven as a device's (tests): a copy, as on a GPU
+            self._host = self._host.copy()
         return self._host
 
     def _known(self) -> np.ndarray:

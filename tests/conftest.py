@@ -12,6 +12,15 @@ import torch
 from elra import ElraOptimizer
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The largest deviations of the CUDA kernels from the CPU ones (tests/cuda_targets.py)."""
+    import sys
+
+    targets = sys.modules.get("cuda_targets")
+    for line in targets.deviation_report() if targets is not None else []:
+        terminalreporter.write_line(line)
+
+
 def rosenbrock(x: torch.Tensor) -> torch.Tensor:
     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
@@ -134,3 +143,40 @@ def roundtrip(obj):
 
 def all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def _to_host(args, kwargs) -> bool:
+    """Whether Tensor.to(*args, **kwargs) asks for the CPU."""
+    dev = kwargs.get("device", args[0] if args else None)
+    if isinstance(dev, torch.Tensor):
+        dev = dev.device
+    return isinstance(dev, (str, torch.device)) and torch.device(dev).type == "cpu"
+
+
+class Transfers:
+    """Counts every way a tensor's value can reach the host while active (item, tolist, numpy,
+    cpu, to("cpu"), float, int, bool, index, complex), as a GPU would see them:
+    reading the host copy that ``.cpu()`` just made is part of the same transfer (on the
+    CPU, where this runs, ``.cpu()`` returns the tensor itself)."""
+
+    NAMES = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__",
+             "__complex__", "to")  # (np.asarray(t) goes through t.numpy())
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.active = False
+        self._copied = None  # the result of the last counted .cpu()
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _orig=orig, _name=name, **k):
+                out = _orig(t, *a, **k)
+                if _name == "to" and not _to_host(a, k):
+                    return out
+                if self.active:
+                    if self._copied is not t:
+                        self.count += 1
+                    self._copied = out if _name in ("cpu", "to") else None
+                return out
+
+            monkeypatch.setattr(torch.Tensor, name, counted)

@@ -1,14 +1,17 @@
 """The CUDA kernels of the elra:: operators against the CPU kernels (differential tests).
 
-Same inputs on both devices, outputs compared with dtype-aware tolerances: the kernels share the
+Every test runs on each target of tests/cuda_targets.py: the CUDA kernels on the GPU (where there
+is one and a CUDA build of elra) and, always, the same kernels and glue compiled by the host
+compiler against the CPU emulation of csrc/cuda/emulation (threads as fibers, blocks in order,
+at most 3 blocks per segment, so that the sizes below take many grid-stride passes).
+
+Same inputs on both sides, outputs compared with dtype-aware tolerances: the kernels share the
 math of csrc/elra_math.h, but sum in a different order (per thread and per block on the GPU, per
 chunk and lane on the CPU) and the GPU fuses multiply-adds, so results agree to rounding, not
 bit for bit. Layouts: random segment sizes including 0, 1 and odd ones, up to MAX_SEGMENTS
 segments, buffers that start at unaligned addresses (the same offset for all buffers: 16-byte
-packs with a scalar head and tail; different offsets: the scalar path), and one size past the
-per-segment block cap.
-
-Needs a GPU and a CUDA build of elra (scripts/build_cuda_check.sh builds one); skipped otherwise.
+packs with a scalar head and tail; different offsets: the scalar path), and sizes past one grid
+pass. The largest deviation of each op and dtype is printed at the end of the run.
 """
 
 import math
@@ -18,33 +21,33 @@ import pytest
 import torch
 
 import elra  # noqa: F401  (loads elra._C, which registers the ops)
-
-
-def _has_cuda_kernels() -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("elra::update", "CUDA"))
-    except RuntimeError:  # the ops are not registered at all (no native build)
-        return False
-
-
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU here", allow_module_level=True)
-if not _has_cuda_kernels():
-    pytest.skip("this build of elra has no CUDA kernels (elra::update has no CUDA kernel)",
-                allow_module_level=True)
+import cuda_targets
+from elra._contract import (ALPHA, DIR_SCALE, DIR_SQ, GNA, GRAD_SQ, INV, KIND_ACCEPT, LR,
+                            MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE, MOVE_S, MOVE_T, NORM_SUM,
+                            NUM_SLOTS, ST_BAD_GRADIENT, ST_OK, STATUS, STEP, XX_CACHE)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = (torch.float16, torch.bfloat16)
 # sums: relative to the sum of the absolute values of the terms (half types sum in float32)
 SUM_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 SIZES = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 255, 1000, 4097, 16385, 100003]
-from elra._contract import (ALPHA, DIR_SCALE, DIR_SQ, GNA, GRAD_SQ, INV, KIND_ACCEPT, LR,  # noqa: E402
-                            MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE, MOVE_S, MOVE_T, NORM_SUM,
-                            NUM_SLOTS, ST_BAD_GRADIENT, ST_OK, STATUS, STEP, XX_CACHE)
+@pytest.fixture(params=cuda_targets.target_params(), scope="module")
+def target(request):
+    return cuda_targets.get(request.param)
 
 
-def ops():
-    return torch.ops.elra
+record = cuda_targets.record
+
+
+def assert_close(target, what, got, exp, tol, equal_nan=False):
+    """assert_close with rtol = atol = tol, recording the deviation."""
+    got, exp = got.cpu(), exp.cpu()
+    record(target, what, exp.dtype, got.double(), exp.double(), tol * (1 + exp.double().abs()))
+    torch.testing.assert_close(got, exp, rtol=tol, atol=tol, equal_nan=equal_nan,
+                               msg=lambda m: f"{what}: {m}")
+
+
+CPU = torch.ops.elra  # the reference: the CPU kernels (native, or pure torch without elra._C)
 
 
 def elem_tol(dtype):
@@ -65,15 +68,6 @@ def randn(n, dtype, gen, scale=1.0):
     return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
-def to_gpu(t, offset):
-    """A CUDA copy of the 1-d tensor t starting `offset` elements into its storage."""
-    base = torch.full((t.numel() + offset,), math.nan, dtype=t.dtype, device="cuda")
-    view = base[offset:]
-    view.copy_(t)
-    assert view.is_contiguous() and view.storage_offset() == offset
-    return view
-
-
 def offsets(rng, k, mixed):
     """Storage offsets for k buffers: all equal (pack path) or not (scalar path)."""
     if mixed:
@@ -81,12 +75,17 @@ def offsets(rng, k, mixed):
     return [int(rng.choice([0, 1, 3, 5]))] * k
 
 
-def assert_sums_close(got, exp, scale, tol):
+def assert_sums_close(target, what, dtype, got, exp, scale, tol):
     got, exp, scale = (np.asarray(v, dtype=np.float64) for v in (got, exp, scale))
+    record(target, what, dtype, got, exp, tol * scale)
     err = np.abs(got - exp)
     bad = err > tol * scale + 1e-300
-    assert not bad.any(), (f"sums differ at {np.flatnonzero(bad)}: gpu {got[bad]}, cpu {exp[bad]}, "
-                           f"allowed {tol * scale[bad]}")
+    assert not bad.any(), (f"sums differ at {np.flatnonzero(bad)}: device {got[bad]}, "
+                           f"cpu {exp[bad]}, allowed {tol * scale[bad]}")
+
+
+def f64(target, n):
+    return torch.full((n,), math.nan, dtype=torch.float64, device=target.device)
 
 
 # --- reduce --------------------------------------------------------------------------------------
@@ -101,24 +100,25 @@ def reduce_scale(g, d, x, bounds, with_x):
     return np.array(out)
 
 
-def check_reduce(seg, dtype, with_x, seed, mixed):
+def check_reduce(target, seg, dtype, with_x, seed, mixed):
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     n, bounds = sum(seg), bounds_of(seg)
     g, d, x = (randn(n, dtype, gen) for _ in range(3))
-    gg, dg, xg = (to_gpu(t, o) for t, o in zip((g, d, x), offsets(rng, 3, mixed)))
+    gg, dg, xg = (target.put(t, o) for t, o in zip((g, d, x), offsets(rng, 3, mixed)))
     out_cpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
-    out_gpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64, device="cuda")
-    ops().reduce(g, d, x, bounds, with_x, out_cpu)
-    ops().reduce(gg, dg, xg, bounds, with_x, out_gpu)
-    got = out_gpu.cpu()
-    assert_sums_close(got, out_cpu, reduce_scale(g, d, x, bounds, with_x), SUM_TOL[dtype])
+    out_dev = f64(target, 5 * len(seg))
+    CPU.reduce(g, d, x, bounds, with_x, out_cpu)
+    target.ops.reduce(gg, dg, xg, bounds, with_x, out_dev)
+    got = out_dev.cpu()
+    assert_sums_close(target, "reduce", dtype, got, out_cpu, reduce_scale(g, d, x, bounds, with_x),
+                      SUM_TOL[dtype])
     if not with_x:
         assert (got.view(-1, 5)[:, 2:] == 0).all()
     # deterministic: the same sums, bit for bit, on a second call
-    again = torch.full_like(out_gpu, math.nan)
-    ops().reduce(gg, dg, xg, bounds, with_x, again)
-    assert torch.equal(again, out_gpu)
+    again = torch.full_like(out_dev, math.nan)
+    target.ops.reduce(gg, dg, xg, bounds, with_x, again)
+    assert torch.equal(again, out_dev)
     # inputs untouched
     for a, b in ((g, gg), (d, dg), (x, xg)):
         assert torch.equal(a, b.cpu())
@@ -128,50 +128,50 @@ def check_reduce(seg, dtype, with_x, seed, mixed):
 @pytest.mark.parametrize("with_x", [False, True])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_reduce_matches_cpu(dtype, with_x, mixed, seed):
+def test_reduce_matches_cpu(target, dtype, with_x, mixed, seed):
     rng = np.random.default_rng(1000 + seed)
-    check_reduce(segments(rng), dtype, with_x, seed, mixed)
+    check_reduce(target, segments(rng), dtype, with_x, seed, mixed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reduce_sizes_0_1_and_many_segments(dtype):
-    check_reduce([0], dtype, True, 1, False)
-    check_reduce([1], dtype, True, 2, False)
-    check_reduce([0, 1, 0, 3, 0], dtype, True, 3, True)
+def test_reduce_sizes_0_1_and_many_segments(target, dtype):
+    check_reduce(target, [0], dtype, True, 1, False)
+    check_reduce(target, [1], dtype, True, 2, False)
+    check_reduce(target, [0, 1, 0, 3, 0], dtype, True, 3, True)
     rng = np.random.default_rng(4)
     seg = [int(rng.choice([0, 1, 5, 17, 300])) for _ in range(MAX_SEGMENTS)]
-    check_reduce(seg, dtype, True, 5, False)
+    check_reduce(target, seg, dtype, True, 5, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reduce_past_the_block_cap(dtype):
-    # 1024 blocks of 256 threads with 4 packs each cover 4M float32 (8M half) elements
-    check_reduce([9_000_001, 3], dtype, True, 6, False)
+def test_reduce_past_the_block_cap(target, dtype):
+    # more than one grid pass: the blocks of the segment walk it more than once
+    check_reduce(target, [2 * target.grid_pass(dtype) + 1001, 3], dtype, True, 6, False)
 
 
 # --- collect -------------------------------------------------------------------------------------
-def check_collect(n, dtype, first, seed, mixed, scale=1.0, bad=None):
+def check_collect(target, n, dtype, first, seed, mixed, scale=1.0, bad=None):
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     g, c = randn(n, dtype, gen, scale), randn(n, dtype, gen)
     if bad is not None and n:
         g[int(rng.integers(n))] = bad
     o1, o2 = offsets(rng, 2, mixed)
-    gg, cg = to_gpu(g, o1), to_gpu(c, o2)
+    gg, cg = target.put(g, o1), target.put(c, o2)
     half = dtype in HALF
     scal = torch.arange(NUM_SLOTS, dtype=torch.float64) + 0.5
-    scal_g = scal.cuda()
-    ops().collect(c, g, 0.3, 0.5, first, half, scal)
-    ops().collect(cg, gg, 0.3, 0.5, first, half, scal_g)
-    tol = elem_tol(dtype)
-    torch.testing.assert_close(cg.cpu(), c, rtol=tol, atol=tol, equal_nan=True)
+    scal_g = target.copy(scal)
+    CPU.collect(c, g, 0.3, 0.5, first, half, scal)
+    target.ops.collect(cg, gg, 0.3, 0.5, first, half, scal_g)
+    assert_close(target, "collect", cg, c, elem_tol(dtype), equal_nan=True)
     got = scal_g.cpu()
     assert got[STATUS] == scal[STATUS]
     others = [i for i in range(NUM_SLOTS) if i not in (STATUS, GRAD_SQ)]
     assert torch.equal(got[others], scal[others])  # only the two slots are written
     if math.isfinite(scal[GRAD_SQ]):
         ref = 0.25 * float((g.double() ** 2).sum())
-        assert abs(got[GRAD_SQ] - scal[GRAD_SQ]) <= SUM_TOL[dtype] * ref + 1e-300
+        assert_sums_close(target, "collect |g|^2", dtype, [got[GRAD_SQ]], [scal[GRAD_SQ]],
+                          [ref], SUM_TOL[dtype])
     else:
         assert not math.isfinite(got[GRAD_SQ])
     return int(got[STATUS])
@@ -180,21 +180,22 @@ def check_collect(n, dtype, first, seed, mixed, scale=1.0, bad=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_collect_matches_cpu(dtype, first, mixed):
+def test_collect_matches_cpu(target, dtype, first, mixed):
     for i, n in enumerate([0, 1, 7, 16, 17, 1000, 100003]):
-        assert check_collect(n, dtype, first, 10 * i + int(first), mixed) == ST_OK
+        assert check_collect(target, n, dtype, first, 10 * i + int(first), mixed) == ST_OK
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_collect_flags_bad_gradients(dtype):
-    assert check_collect(1001, dtype, False, 3, False, bad=math.inf) == ST_BAD_GRADIENT
-    assert check_collect(1001, dtype, True, 4, False, bad=math.nan) == ST_BAD_GRADIENT
+def test_collect_flags_bad_gradients(target, dtype):
+    assert check_collect(target, 1001, dtype, False, 3, False, bad=math.inf) == ST_BAD_GRADIENT
+    assert check_collect(target, 1001, dtype, True, 4, False, bad=math.nan) == ST_BAD_GRADIENT
     if dtype in HALF:  # |inv * g| >= 65e3 is too large for a half-precision buffer
-        assert check_collect(1001, dtype, False, 5, False, scale=6e3) == ST_BAD_GRADIENT
+        assert check_collect(target, 1001, dtype, False, 5, False, scale=6e3) == ST_BAD_GRADIENT
 
 
-def test_collect_past_the_block_cap():
-    assert check_collect(9_000_001, torch.float32, False, 7, False) == ST_OK
+def test_collect_past_the_block_cap(target):
+    n = 2 * target.grid_pass(torch.float32) + 1001
+    assert check_collect(target, n, torch.float32, False, 7, False) == ST_OK
 
 
 # --- finalize ------------------------------------------------------------------------------------
@@ -224,25 +225,26 @@ def finalize_case(rng, nseg):
     return red.ravel(), scal, kind, wd, params
 
 
-def test_finalize_matches_cpu():
+def test_finalize_matches_cpu(target):
     rng = np.random.default_rng(11)
     for case in range(300):
         nseg = int(rng.choice([1, 2, 5, MAX_SEGMENTS]))
         red, scal, kind, wd, params = finalize_case(rng, nseg)
-        tensors = {}
-        for dev in ("cpu", "cuda"):
+        tensors = []
+        for ops, dev in ((CPU, torch.device("cpu")), (target.ops, target.device)):
             r = torch.tensor(red, dtype=torch.float64, device=dev)
             s = torch.tensor(scal, dtype=torch.float64, device=dev)
             c = torch.full((nseg,), math.nan, dtype=torch.float64, device=dev)
-            ops().finalize(r, s, c, kind, wd, **params)
-            tensors[dev] = (s.cpu(), c.cpu())
-        for cpu, gpu, what in zip(tensors["cpu"], tensors["cuda"], ("slots", "coef")):
-            torch.testing.assert_close(gpu, cpu, rtol=1e-10, atol=1e-13, equal_nan=True,
+            ops.finalize(r, s, c, kind, wd, **params)
+            tensors.append((s.cpu(), c.cpu()))
+        for cpu, dev, what in zip(tensors[0], tensors[1], ("slots", "coef")):
+            record(target, f"finalize {what}", torch.float64, dev, cpu, 1e-13 + 1e-10 * cpu.abs())
+            torch.testing.assert_close(dev, cpu, rtol=1e-10, atol=1e-13, equal_nan=True,
                                        msg=lambda m: f"case {case} ({what}, params {params}): {m}")
 
 
 # --- update --------------------------------------------------------------------------------------
-def check_update(seg, dtype, mode, momentum, use_xg, seed, mixed):
+def check_update(target, seg, dtype, mode, momentum, use_xg, seed, mixed):
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     n, bounds = sum(seg), bounds_of(seg)
@@ -250,17 +252,16 @@ def check_update(seg, dtype, mode, momentum, use_xg, seed, mixed):
     coef = torch.tensor([rng.choice([0.0, 0.01, -0.2]) for _ in seg], dtype=torch.float64)
     scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
     scal[MODE], scal[MOVE_S], scal[MOVE_T], scal[INV] = mode, 0.3, 0.5, 0.75
-    on_gpu = [to_gpu(t, o) for t, o in zip((x, d, g, xg), offsets(rng, 4, mixed))]
+    on_dev = [target.put(t, o) for t, o in zip((x, d, g, xg), offsets(rng, 4, mixed))]
     before = [t.clone() for t in (x, d, g, xg)]
-    ops().update(x, d, g, xg if use_xg else None, scal, coef, bounds, momentum)
-    X, D, G, XG = on_gpu
-    ops().update(X, D, G, XG if use_xg else None, scal.cuda(), coef.cuda(), bounds, momentum)
-    tol = elem_tol(dtype)
-    for name, cpu, gpu in zip("x d g xg".split(), (x, d, g, xg), on_gpu):
+    CPU.update(x, d, g, xg if use_xg else None, scal, coef, bounds, momentum)
+    X, D, G, XG = on_dev
+    target.ops.update(X, D, G, XG if use_xg else None, target.copy(scal), target.copy(coef),
+                      bounds, momentum)
+    for name, cpu, dev in zip("x d g xg".split(), (x, d, g, xg), on_dev):
         if mode == 0:  # MODE_NONE: nothing moves
-            assert torch.equal(gpu.cpu(), cpu), name
-        torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
+            assert torch.equal(dev.cpu(), cpu), name
+        assert_close(target, f"update {name}", dev, cpu, elem_tol(dtype))
     assert torch.equal(G.cpu(), before[2])  # g is only read
 
 
@@ -269,32 +270,32 @@ def check_update(seg, dtype, mode, momentum, use_xg, seed, mixed):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("use_xg", [False, True])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_update_matches_cpu(dtype, mode, momentum, use_xg, mixed):
+def test_update_matches_cpu(target, dtype, mode, momentum, use_xg, mixed):
     if mode == 2 and not use_xg:
         pytest.skip("a copy retrace needs the copy (see test_copy_retrace_without_copy)")
     rng = np.random.default_rng(100 * mode + 10 * int(use_xg) + int(mixed))
     for i in range(3):
-        check_update(segments(rng), dtype, mode, momentum, use_xg, i, mixed)
+        check_update(target, segments(rng), dtype, mode, momentum, use_xg, i, mixed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_sizes_0_1_and_many_segments(dtype):
+def test_update_sizes_0_1_and_many_segments(target, dtype):
     rng = np.random.default_rng(5)
     seg = [int(rng.choice([0, 1, 5, 17, 300])) for _ in range(MAX_SEGMENTS)]
     for mode in (1, 2, 3):
-        check_update([0], dtype, mode, 0.0, True, 1, False)
-        check_update([1], dtype, mode, 0.5, True, 2, False)
-        check_update([0, 1, 0, 3, 0], dtype, mode, 0.0, True, 3, True)
-        check_update(seg, dtype, mode, 0.5, True, 4, False)
+        check_update(target, [0], dtype, mode, 0.0, True, 1, False)
+        check_update(target, [1], dtype, mode, 0.5, True, 2, False)
+        check_update(target, [0, 1, 0, 3, 0], dtype, mode, 0.0, True, 3, True)
+        check_update(target, seg, dtype, mode, 0.5, True, 4, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_update_past_the_block_cap(dtype):
-    check_update([9_000_001, 5], dtype, 1, 0.9, True, 7, False)
+def test_update_past_the_block_cap(target, dtype):
+    check_update(target, [2 * target.grid_pass(dtype) + 1001, 5], dtype, 1, 0.9, True, 7, False)
 
 
 # --- step_fused and fixup --------------------------------------------------------------------
-def check_fused(seg, dtype, momentum, seed, mixed, bad=False, decay=False):
+def check_fused(target, seg, dtype, momentum, seed, mixed, bad=False, decay=False):
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     n, bounds = sum(seg), bounds_of(seg)
@@ -302,32 +303,31 @@ def check_fused(seg, dtype, momentum, seed, mixed, bad=False, decay=False):
     if bad and n:
         g[int(rng.integers(n))] = rng.choice([math.nan, math.inf])
     dn = torch.full((n,), math.nan, dtype=dtype)
-    X, DP, DN, G = (to_gpu(t, o) for t, o in zip((x, dp, dn, g), offsets(rng, 4, mixed)))
+    X, DP, DN, G = (target.put(t, o) for t, o in zip((x, dp, dn, g), offsets(rng, 4, mixed)))
     scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
     scal[GNA], scal[XX_CACHE] = 1.5, 3.0 + n
     wd = [float(v) for v in rng.choice([0.0, 1e-3, 2e-2], size=len(seg))] if decay else []
     out_cpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64)
-    out_gpu = torch.full((5 * len(seg),), math.nan, dtype=torch.float64, device="cuda")
-    ops().step_fused(x, dp, dn, g, scal, bounds, 0.75, momentum, 0.3, wd, out_cpu)
-    ops().step_fused(X, DP, DN, G, scal.cuda(), bounds, 0.75, momentum, 0.3, wd, out_gpu)
+    out_dev = f64(target, 5 * len(seg))
+    CPU.step_fused(x, dp, dn, g, scal, bounds, 0.75, momentum, 0.3, wd, out_cpu)
+    target.ops.step_fused(X, DP, DN, G, target.copy(scal), bounds, 0.75, momentum, 0.3, wd,
+                          out_dev)
     if not bad:
-        assert_sums_close(out_gpu.cpu(), out_cpu, reduce_scale(g, dp, x, bounds, decay),
-                          SUM_TOL[dtype])
+        assert_sums_close(target, "step_fused sums", dtype, out_dev.cpu(), out_cpu,
+                          reduce_scale(g, dp, x, bounds, decay), SUM_TOL[dtype])
     tol = elem_tol(dtype)
-    for name, cpu, gpu in (("x", x, X), ("d_new", dn, DN)):
-        torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+    for name, cpu, dev in (("x", x, X), ("d_new", dn, DN)):
+        assert_close(target, f"step_fused {name}", dev, cpu, tol, equal_nan=True)
     coef = torch.tensor([rng.choice([0.0, 0.01, -0.2]) for _ in seg], dtype=torch.float64)
     for mode in (4, 5, 6):  # MODE_SHIFT, MODE_UNDO_RETRACE, MODE_REDO
         scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
         scal[MODE], scal[MOVE_S], scal[MOVE_T] = mode, 0.3, -0.2
         a = [t.clone() for t in (x, dp, dn, g)]
         b = [t.clone() for t in (X, DP, DN, G)]
-        ops().fixup(*a, scal, coef, bounds, momentum)
-        ops().fixup(*b, scal.cuda(), coef.cuda(), bounds, momentum)
-        for name, cpu, gpu in zip(("x", "d_prev", "d_new", "g"), a, b):
-            torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol, equal_nan=True,
-                                       msg=lambda m: f"fixup {mode} {name}: {m}")
+        CPU.fixup(*a, scal, coef, bounds, momentum)
+        target.ops.fixup(*b, target.copy(scal), target.copy(coef), bounds, momentum)
+        for name, cpu, dev in zip(("x", "d_prev", "d_new", "g"), a, b):
+            assert_close(target, f"fixup {mode} {name}", dev, cpu, tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -335,105 +335,76 @@ def check_fused(seg, dtype, momentum, seed, mixed, bad=False, decay=False):
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("bad", [False, True])
 @pytest.mark.parametrize("decay", [False, True])
-def test_step_fused_and_fixup_match_cpu(dtype, momentum, mixed, bad, decay):
+def test_step_fused_and_fixup_match_cpu(target, dtype, momentum, mixed, bad, decay):
     rng = np.random.default_rng(77)
     for seed in range(3):
-        check_fused(segments(rng), dtype, momentum, seed, mixed, bad, decay)
-    check_fused([0], dtype, momentum, 1, mixed, bad, decay)
-    check_fused([1] * MAX_SEGMENTS, dtype, momentum, 2, mixed, bad, decay)
+        check_fused(target, segments(rng), dtype, momentum, seed, mixed, bad, decay)
+    check_fused(target, [0], dtype, momentum, 1, mixed, bad, decay)
+    check_fused(target, [1] * MAX_SEGMENTS, dtype, momentum, 2, mixed, bad, decay)
 
 
-def test_copy_retrace_without_copy():
-    """The CPU op raises; the GPU kernel reads the mode on the device and leaves x alone."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_step_fused_past_the_block_cap(target, dtype):
+    check_fused(target, [2 * target.grid_pass(dtype) + 1001, 3], dtype, 0.9, 8, False, True, True)
+
+
+def test_copy_retrace_without_copy(target):
+    """The CPU op raises; the CUDA kernel reads the mode on the device and leaves x alone."""
     x, d, g = (torch.randn(100) for _ in range(3))
     scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
     scal[MODE], scal[MOVE_S] = 2, 0.3
     coef = torch.zeros(1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="copy"):
-        ops().update(x, d, g, None, scal, coef, [0, 100], 0.0)
-    X, D, G = (t.cuda() for t in (x, d, g))
-    ops().update(X, D, G, None, scal.cuda(), coef.cuda(), [0, 100], 0.0)
+        CPU.update(x, d, g, None, scal, coef, [0, 100], 0.0)
+    X, D, G = (target.copy(t) for t in (x, d, g))
+    target.ops.update(X, D, G, None, target.copy(scal), target.copy(coef), [0, 100], 0.0)
     assert torch.equal(X.cpu(), x) and torch.equal(D.cpu(), d)
 
 
-# --- schemas, checks, and a whole optimizer on the GPU --------------------------------------------
-def test_opcheck_all_ops_on_cuda():
+# --- schemas, checks, and a whole optimizer on the target ----------------------------------------
+def test_opcheck_all_ops(target):
     from torch.library import opcheck
 
-    g, d, x = (torch.randn(37, device="cuda") for _ in range(3))
-    scal = torch.zeros(NUM_SLOTS, dtype=torch.float64, device="cuda")
+    dev, ops = target.device, target.ops
+    g, d, x = (torch.randn(37, device=dev) for _ in range(3))
+    scal = torch.zeros(NUM_SLOTS, dtype=torch.float64, device=dev)
     scal[ALPHA], scal[LR], scal[DIR_SCALE] = 0.1, 0.1, 1.0
-    red = torch.zeros(10, dtype=torch.float64, device="cuda")
-    coef = torch.zeros(2, dtype=torch.float64, device="cuda")
-    opcheck(ops().reduce.default, (g, d, x, [0, 20, 37], True, red))
-    opcheck(ops().finalize.default, (red, scal, coef, KIND_ACCEPT, [0.01, 0.0], 1.0, 0.4, 3.0,
-                                     1.0, 0.0, 1.0, 1.0, 0.0, True, False, False))
-    opcheck(ops().update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
-    opcheck(ops().collect.default, (torch.zeros(37, device="cuda"), g, 0.5, 1.0, True, False,
-                                    scal))
-    dn = torch.zeros(37, device="cuda")
+    red = torch.zeros(10, dtype=torch.float64, device=dev)
+    coef = torch.zeros(2, dtype=torch.float64, device=dev)
+    opcheck(ops.reduce.default, (g, d, x, [0, 20, 37], True, red))
+    opcheck(ops.finalize.default, (red, scal, coef, KIND_ACCEPT, [0.01, 0.0], 1.0, 0.4, 3.0,
+                                   1.0, 0.0, 1.0, 1.0, 0.0, True, False, False))
+    opcheck(ops.update.default, (x, d, g, None, scal, coef, [0, 20, 37], 0.0))
+    opcheck(ops.collect.default, (torch.zeros(37, device=dev), g, 0.5, 1.0, True, False, scal))
+    dn = torch.zeros(37, device=dev)
     scal[GNA], scal[XX_CACHE] = 1.5, 40.0
-    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.0, 0.3, [], red))
-    opcheck(ops().step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.5, 0.3,
-                                       [0.01, 0.0], red))
+    opcheck(ops.step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.0, 0.3, [], red))
+    opcheck(ops.step_fused.default, (x, d, dn, g, scal, [0, 20, 37], 1.0, 0.5, 0.3,
+                                     [0.01, 0.0], red))
     scal[MODE], scal[MOVE_S], scal[MOVE_T] = 6, 0.3, 0.1
-    opcheck(ops().fixup.default, (x, d, dn, g, scal, coef, [0, 20, 37], 0.5))
+    opcheck(ops.fixup.default, (x, d, dn, g, scal, coef, [0, 20, 37], 0.5))
 
 
-def test_bad_inputs_raise_clear_errors():
-    g, d, x = (torch.randn(37, device="cuda") for _ in range(3))
-    out = torch.zeros(5, dtype=torch.float64, device="cuda")
-    scal = torch.zeros(NUM_SLOTS, dtype=torch.float64, device="cuda")
-    coef = torch.zeros(1, dtype=torch.float64, device="cuda")
+def test_bad_inputs_raise_clear_errors(target):
+    dev, ops = target.device, target.ops
+    g, d, x = (torch.randn(37, device=dev) for _ in range(3))
+    out = torch.zeros(5, dtype=torch.float64, device=dev)
+    scal = torch.zeros(NUM_SLOTS, dtype=torch.float64, device=dev)
+    coef = torch.zeros(1, dtype=torch.float64, device=dev)
     with pytest.raises(RuntimeError, match="bounds"):
-        ops().reduce(g, d, x, [0, 30], False, out)
+        ops.reduce(g, d, x, [0, 30], False, out)
     with pytest.raises(RuntimeError, match="dtype"):
-        ops().reduce(g, d.double(), x, [0, 37], False, out)
+        ops.reduce(g, d.double(), x, [0, 37], False, out)
     with pytest.raises(RuntimeError, match="contiguous"):
-        ops().reduce(g, torch.randn(74, device="cuda")[::2], x, [0, 37], False, out)
+        ops.reduce(g, torch.randn(74, device=dev)[::2], x, [0, 37], False, out)
     with pytest.raises(RuntimeError, match="float64"):
-        ops().reduce(g, d, x, [0, 37], False, torch.zeros(5, device="cuda"))
-    with pytest.raises(RuntimeError, match="must be on"):
-        ops().reduce(g, d, x, [0, 37], False, out.cpu())
-    with pytest.raises(RuntimeError, match="must be on"):
-        ops().update(x, d, g, None, scal.cpu(), coef, [0, 37], 0.0)
+        ops.reduce(g, d, x, [0, 37], False, torch.zeros(5, device=dev))
     with pytest.raises(RuntimeError, match="coef"):
-        ops().update(x, d, g, None, scal, coef[:0], [0, 37], 0.0)
+        ops.update(x, d, g, None, scal, coef[:0], [0, 37], 0.0)
     with pytest.raises(RuntimeError, match="dtype"):
-        ops().update(x.int(), d.int(), g.int(), None, scal, coef, [0, 37], 0.0)
-
-
-def _train(device, steps=150, nan_at=(40, 41, 90)):
-    torch.manual_seed(0)
-    X = torch.randn(512, 20)
-    y = (X[:, :3].sum(1) > 0).long()
-    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 2)).to(device)
-    opt = elra.ElraOptimizer(model.parameters(), regime="stochastic", classes=2, warmup=10,
-                             lr=1e-4, momentum=0.5, weight_decay=1e-3, engine="native")
-    opt._stepper.engine.defer = False  # outcomes read at once, so that the outcome lists compare
-    gen = torch.Generator().manual_seed(1)
-    lf = torch.nn.CrossEntropyLoss()
-    losses, outcomes = [], []
-    for i in range(steps):
-        idx = torch.randint(0, 512, (32,), generator=gen)
-        opt.zero_grad()
-        loss = lf(model(X[idx].to(device)), y[idx].to(device))
-        loss.backward()
-        if i in nan_at:
-            next(model.parameters()).grad[0, 0] = math.nan
-        opt.step(loss.item())
-        losses.append(loss.item())
-        outcomes.append(opt.last_outcome)
-    return model, opt, losses, outcomes
-
-
-def test_optimizer_trajectory_on_gpu_matches_cpu():
-    m_c, o_c, l_c, out_c = _train("cpu")
-    m_g, o_g, l_g, out_g = _train("cuda")
-    assert o_g.engine_name == "native" and o_c.engine_name == "native"
-    assert out_c.count("retrace_gradient") >= 3
-    assert out_g == out_c
-    np.testing.assert_allclose(l_g, l_c, rtol=2e-3, atol=2e-4)
-    for a, b in zip(m_c.parameters(), m_g.parameters()):
-        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-2, atol=2e-3)
+        ops.update(x.int(), d.int(), g.int(), None, scal, coef, [0, 37], 0.0)
+    if dev.type == "cuda":  # the emulated target's tensors all live on the CPU
+        with pytest.raises(RuntimeError, match="must be on"):
+            ops.reduce(g, d, x, [0, 37], False, out.cpu())
+        with pytest.raises(RuntimeError, match="must be on"):
+            ops.update(x, d, g, None, scal.cpu(), coef, [0, 37], 0.0)

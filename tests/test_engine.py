@@ -21,6 +21,8 @@ from elra.control import StepInputs
 from elra.engine import Engine
 from elra.flat_buffer import FlatBuffer
 
+from conftest import Transfers
+
 HAVE_NATIVE = native_status()["cpu"]
 TABLES = {"torch": _ops.TORCH_KERNELS, **({"native": _ops.dispatched("elra")} if HAVE_NATIVE
                                          else {})}
@@ -426,31 +428,6 @@ def test_deferred_outcomes_give_identical_trajectories(digits, engine, wd):
     assert runs[0][1].state_dict()["param_groups"] == runs[1][1].state_dict()["param_groups"]
 
 
-class _Transfers:
-    """Counts every way a tensor's value can reach the host while active, as a GPU would see
-    them: reading the host copy that ``.cpu()`` just made is part of the same transfer (on the
-    CPU, where this runs, ``.cpu()`` returns the tensor itself)."""
-
-    NAMES = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__")
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        self.active = False
-        self._copied = None  # the result of the last counted .cpu()
-        for name in self.NAMES:
-            orig = getattr(torch.Tensor, name)
-
-            def counted(t, *a, _orig=orig, _name=name, **k):
-                out = _orig(t, *a, **k)
-                if self.active:
-                    if self._copied is not t:
-                        self.count += 1
-                    self._copied = out if _name == "cpu" else None
-                return out
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-
 @pytest.mark.slow
 @needs_native
 @pytest.mark.parametrize("wd", [1e-4, 0.0])
@@ -469,7 +446,7 @@ def test_native_steps_read_the_device_once_a_step(digits, monkeypatch, wd):
     eng.defer, eng._view = True, None  # as on a GPU
     lf = torch.nn.CrossEntropyLoss()
     batches = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 1400, 32)]
-    counter = _Transfers(monkeypatch)
+    counter = Transfers(monkeypatch)
     reads = []
     for xb, yb in batches * 6:
         opt.zero_grad()

@@ -5,18 +5,17 @@
 // for the device: bounds and finalize's parameters travel by value in the kernel parameters, the
 // mode and step sizes of update are read by the kernel from the scalar tensor.
 //
-// Built only in a CUDA build (setup.py with a CUDA torch); needs the CUDA headers of torch.
+// Built in a CUDA build (setup.py with a CUDA torch; needs the CUDA headers of torch), and by
+// the tests on the CPU emulation of the kernels: elra_cuda_target.h says which.
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "../elra_checks.h"
 #include "elra_cuda.h"
+#include "elra_cuda_target.h"
 
 namespace elra {
 namespace cuda {
@@ -25,7 +24,7 @@ namespace {
 // The CUDA kernel of an op runs when any argument is a CUDA tensor; the shared checks
 // (../elra_checks.h) then make sure all of them are on that device.
 void check_cuda(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "elra: expected CUDA tensors, got one on ", t.device());
+  TORCH_CHECK(on_target(t), "elra: expected ", TARGET_NAME, " tensors, got one on ", t.device());
 }
 
 DType dtype_of(const at::Tensor& t) {
@@ -48,7 +47,7 @@ Segments segments_of(at::IntArrayRef bounds) {
   return s;
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() { return current_stream(); }
 
 // A device workspace of at least `bytes` (float64 elements; lives until the kernels ran: the
 // caching allocator reuses it only for later work on the same stream).
@@ -63,11 +62,11 @@ void reduce_cuda(const at::Tensor& g, const at::Tensor& d, const at::Tensor& x,
   check_cuda(g);
   const at::Device dev = g.device();
   const DType dt = dtype_of(g);
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   const Segments seg = segments_of(bounds);
   const size_t bytes = reduce_workspace_bytes(dt, seg);
   at::Tensor work = workspace(bytes, out);
-  C10_CUDA_CHECK(launch_reduce(dt, g.data_ptr(), d.data_ptr(), x.data_ptr(), seg, with_x,
+  ELRA_CUDA_CHECK(launch_reduce(dt, g.data_ptr(), d.data_ptr(), x.data_ptr(), seg, with_x,
                                out.data_ptr<double>(), work.data_ptr(), bytes, stream()));
 }
 
@@ -77,10 +76,10 @@ void collect_cuda(at::Tensor& coll, const at::Tensor& g, double weight, double i
   check_cuda(g);
   const at::Device dev = g.device();
   const DType dt = dtype_of(g);
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   const size_t bytes = collect_workspace_bytes(dt, g.numel());
   at::Tensor work = workspace(bytes, scal);
-  C10_CUDA_CHECK(launch_collect(dt, coll.data_ptr(), g.data_ptr(), g.numel(), weight, inv, first,
+  ELRA_CUDA_CHECK(launch_collect(dt, coll.data_ptr(), g.data_ptr(), g.numel(), weight, inv, first,
                                 half, scal.data_ptr<double>(), work.data_ptr(), bytes, stream()));
 }
 
@@ -92,8 +91,8 @@ void finalize_cuda(const at::Tensor& red, at::Tensor& scal, at::Tensor& coef, in
                                            lr_warmup, inv, momentum, f, f_last, spec, stochastic,
                                            half, keep_copy);
   check_cuda(scal);
-  const c10::cuda::CUDAGuard guard(scal.device());
-  C10_CUDA_CHECK(launch_finalize(red.data_ptr<double>(), scal.data_ptr<double>(),
+  const DeviceGuard guard(scal.device());
+  ELRA_CUDA_CHECK(launch_finalize(red.data_ptr<double>(), scal.data_ptr<double>(),
                                  coef.data_ptr<double>(), p, stream()));
 }
 
@@ -104,8 +103,8 @@ void update_cuda(at::Tensor& x, at::Tensor& d, const at::Tensor& g,
   check_cuda(x);
   const at::Device dev = x.device();
   const DType dt = dtype_of(x);
-  const c10::cuda::CUDAGuard guard(dev);
-  C10_CUDA_CHECK(launch_update(dt, x.data_ptr(), d.data_ptr(), g.data_ptr(),
+  const DeviceGuard guard(dev);
+  ELRA_CUDA_CHECK(launch_update(dt, x.data_ptr(), d.data_ptr(), g.data_ptr(),
                                xg.has_value() ? xg->data_ptr() : nullptr,
                                scal.data_ptr<double>(), coef.data_ptr<double>(),
                                segments_of(bounds), momentum, stream()));
@@ -118,11 +117,11 @@ void step_fused_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const 
   check_cuda(x);
   const at::Device dev = x.device();
   const DType dt = dtype_of(x);
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   const Segments seg = segments_of(bounds);
   const size_t bytes = reduce_workspace_bytes(dt, seg);
   at::Tensor work = workspace(bytes, out);
-  C10_CUDA_CHECK(launch_step_fused(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
+  ELRA_CUDA_CHECK(launch_step_fused(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
                                    seg, scal.data_ptr<double>(), wd.data(),
                                    static_cast<int>(wd.size()), inv, momentum, step,
                                    out.data_ptr<double>(), work.data_ptr(), bytes, stream()));
@@ -135,8 +134,8 @@ void fixup_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::T
   check_cuda(x);
   const at::Device dev = x.device();
   const DType dt = dtype_of(x);
-  const c10::cuda::CUDAGuard guard(dev);
-  C10_CUDA_CHECK(launch_fixup(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
+  const DeviceGuard guard(dev);
+  ELRA_CUDA_CHECK(launch_fixup(dt, x.data_ptr(), dp.data_ptr(), dn.data_ptr(), g.data_ptr(),
                               segments_of(bounds), scal.data_ptr<double>(),
                               coef.data_ptr<double>(), momentum, stream()));
 }
@@ -145,7 +144,7 @@ void fixup_cuda(at::Tensor& x, const at::Tensor& dp, at::Tensor& dn, const at::T
 }  // namespace cuda
 }  // namespace elra
 
-TORCH_LIBRARY_IMPL(elra, CUDA, m) {
+TORCH_LIBRARY_IMPL(ELRA_TARGET_NAMESPACE, ELRA_TARGET_KEY, m) {
   m.impl("reduce", &elra::cuda::reduce_cuda);
   m.impl("collect", &elra::cuda::collect_cuda);
   m.impl("finalize", &elra::cuda::finalize_cuda);
