@@ -140,8 +140,12 @@ def native_status() -> dict:
     for that device type), ``error`` (why the extension did not load, or ``None``) and ``build``
     (what the extension reports of itself: ``cpu_isa``, the instruction set its CPU kernels use
     here; ``cuda_archs``, the CUDA architectures compiled for, empty in a CPU build;
-    ``compiler``; ``built_against_torch``; ``None`` without the extension).
+    ``compiler``; ``built_against_torch``; ``None`` without the extension) and ``self_check``
+    (``enabled``: not switched off by ``ELRA_SELF_CHECK=0``; ``devices``: per device where the
+    native kernels were checked, ``ok``, ``detail`` and ``seconds``; see :mod:`elra.selfcheck`).
     """
+    from . import selfcheck
+
     build = None
     if _native is not None:
         from . import _C
@@ -150,4 +154,4 @@ def native_status() -> dict:
                                                   "built_against_torch")}
     return {"built": _native is not None, "cpu": has_kernels_for(torch.device("cpu")),
             "cuda": _native is not None and has_kernels_for(torch.device("cuda")),
-            "error": _error, "build": build}
+            "error": _error, "build": build, "self_check": selfcheck.status()}

@@ -64,6 +64,7 @@ from ._contract import (ALPHA, APPLIED, CLIP, CLIPPED, DIR_SCALE, DIR_SQ, GNA, G
                         KIND_FIRST, KIND_RETRACE, LR, MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE,
                         MODE_NONE, NORM_SUM, NUM_SLOTS, RED_WIDTH, ST_NONE, ST_OK, STATUS, STEP,
                         XX_CACHE)
+from . import selfcheck
 from ._ops import TORCH_KERNELS, Kernels, kernels_for
 from .flat_buffer import FlatBuffer
 
@@ -326,7 +327,9 @@ class Engine:
 def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
     """The engine for ``buffers`` with the kernels ``choice`` asks for ("auto": the native
     ones where they can run, else pure torch; "native" raises ``RuntimeError`` where they
-    cannot). ``kw``: the keyword arguments of :class:`Engine`."""
+    cannot). Native kernels on a CUDA device pass a self-check there first (once per device,
+    :mod:`elra.selfcheck`; "auto" falls back to pure torch with a warning if they fail it).
+    ``kw``: the keyword arguments of :class:`Engine`."""
     devices = {b.device for b in buffers}
     rows = sum(len(b.segments) for b in buffers)
     if kw.get("reducer") is not None:
@@ -337,6 +340,8 @@ def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
         kernels, reason = TORCH_KERNELS, f"more than {MAX_SEGMENTS} parameter-group segments"
     else:
         kernels, reason = kernels_for(next(iter(devices)), choice)
+        if reason is None:  # the first native engine on a CUDA device checks its kernels there
+            kernels, reason = selfcheck.checked(kernels, next(iter(devices)))
     if reason is not None and choice == "native":
         raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
                            f"'torch'")
