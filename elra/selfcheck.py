@@ -82,6 +82,12 @@ def _inputs(device: torch.device, dtype: torch.dtype, n: int) -> list[torch.Tens
     return out
 
 
+def _zeros_like(t: torch.Tensor) -> torch.Tensor:
+    """Zeros like t at the same offset from the storage's start (else the kernels would take
+    their scalar path: buffers at different offsets modulo 16 bytes cannot use vectors)."""
+    return torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+
+
 def _scalars(device: torch.device, n: int, nseg: int) -> tuple[torch.Tensor, torch.Tensor]:
     scal = torch.zeros(NUM_SLOTS, dtype=torch.float64)
     scal[ALPHA], scal[LR], scal[STEP], scal[DIR_SCALE] = 0.05, 0.02, 0.01, 1.0
@@ -118,11 +124,11 @@ def _run_ops(kernels: Kernels, device: torch.device, dtype: torch.dtype) -> dict
     out["finalize"], out["finalize coef"] = scal, coef
     scal, coef = _scalars(device, n, nseg)
     scal[MODE], scal[MOVE_S], scal[INV] = MODE_STEP, 0.01, 1.0
-    xg = torch.zeros_like(x)
+    xg = _zeros_like(x)
     kernels.update(x, d, g, xg, scal, coef, bounds, 0.5)
     out["update x"], out["update d"], out["update xg"] = x.clone(), d.clone(), xg
     x, d, g, _ = _inputs(device, dtype, n)
-    dn = torch.zeros_like(d)
+    dn = _zeros_like(d)
     kernels.step_fused(x, d, dn, g, scal, bounds, 1.0, 0.5, 0.01, wd, red)
     out["step_fused sums"], out["step_fused x"], out["step_fused d_new"] = red, x.clone(), dn
     x, d, g, dn = _inputs(device, dtype, n)

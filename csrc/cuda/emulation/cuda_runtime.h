@@ -8,7 +8,8 @@
 // [note: the emulated execution model]
 // A launch runs its blocks one after another, in order. The threads of a block are fibers
 // (cooperative user-space threads, emu_runtime.cpp) on the calling thread: each runs until it
-// reaches __syncthreads() or a warp shuffle, then the next one runs. __syncthreads() waits for
+// reaches __syncthreads() or a warp shuffle, then another one runs (warp by warp, see
+// [note: schedule] in emu_runtime.cpp). __syncthreads() waits for
 // all threads of the block, a shuffle for the 32 lanes of its warp (both report a deadlock, as a
 // launch error, when some threads can never arrive: a barrier in divergent code). __shared__
 // variables are function statics: one copy that every block reuses (blocks do not overlap).
@@ -50,6 +51,7 @@ enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
 };
 struct CUstream_st;
@@ -161,13 +163,24 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return detail::shfl(mask, v, src, (src & ~(width - 1)) == (lane & ~(width - 1)));
 }
 
-// Loads and stores with cache hints: plain accesses here.
+// Loads and stores with cache hints: plain accesses here, after the alignment check of a GPU
+// (a misaligned vector access is a launch error there, cudaErrorMisalignedAddress).
+namespace detail {
 template <typename T>
-T __ldg(const T* p) { return *p; }
+bool aligned(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) == 0) return true;
+  fail(cudaErrorMisalignedAddress, "misaligned address (a vector access off its alignment)");
+  return false;
+}
+}  // namespace detail
 template <typename T>
-T __ldca(const T* p) { return *p; }
+T __ldg(const T* p) { return detail::aligned(p) ? *p : T{}; }
 template <typename T>
-void __stwb(T* p, T v) { *p = v; }
+T __ldca(const T* p) { return detail::aligned(p) ? *p : T{}; }
+template <typename T>
+void __stwb(T* p, T v) {
+  if (detail::aligned(p)) *p = v;
+}
 
 // Atomics: the threads of a block never run at the same time, so a plain update is atomic.
 template <typename T>
@@ -187,6 +200,7 @@ using elra_emu::uint4;
 using elra_emu::cudaSuccess;
 using elra_emu::cudaErrorInvalidValue;
 using elra_emu::cudaErrorInvalidConfiguration;
+using elra_emu::cudaErrorMisalignedAddress;
 using elra_emu::cudaErrorLaunchFailure;
 using elra_emu::cudaGetLastError;
 using elra_emu::cudaPeekAtLastError;

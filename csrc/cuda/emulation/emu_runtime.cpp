@@ -144,6 +144,7 @@ struct Scheduler {
   std::atomic<Fiber*> running{nullptr};
   std::atomic<unsigned long> epoch{0};  // arrivals and exits: a round without any is a deadlock
   std::atomic<bool> failed{false};
+  unsigned long blocks_run = 0;
 #if defined(__x86_64__)
   void* main_sp = nullptr;
 #else
@@ -292,15 +293,29 @@ void run_block(unsigned nthreads, dim3 block) {
     f->ctx.thread_idx.z = t / (block.x * block.y);
   }
   unsigned alive = nthreads;
-  for (unsigned round = 0; alive > 0; ++round) {
+  // [note: schedule] Warp by warp: each warp runs (its lanes round-robin, every other round
+  // backwards) until all of its threads wait at __syncthreads() or have finished, then the next
+  // warp; blocks alternate between warps in increasing and in decreasing order. Warps thus
+  // reach a barrier at very different times, so that a result which depends on the order of
+  // the warps between two barriers (a race, a missing __syncthreads()) comes out wrong in one
+  // of the two orders instead of matching by luck.
+  const bool up = (S.blocks_run++ & 1u) == 0;
+  const unsigned nwarps = static_cast<unsigned>(S.warps.size());
+  while (alive > 0) {
     const unsigned long before = S.epoch.load(std::memory_order_relaxed);
-    // every other round backwards: a result that depends on the order of the threads between
-    // two barriers (a race) shows
-    for (unsigned i = 0; i < nthreads; ++i) {
-      Fiber* f = S.fibers[(round & 1u) ? nthreads - 1 - i : i].get();
-      if (f->done.load(std::memory_order_relaxed)) continue;
-      resume(f);
-      if (f->done.load(std::memory_order_relaxed)) --alive;
+    for (unsigned wi = 0; wi < nwarps; ++wi) {
+      const unsigned w = up ? wi : nwarps - 1 - wi, first = 32u * w;
+      const unsigned lanes = S.warps[w].lanes;
+      for (unsigned round = 0;; ++round) {
+        const unsigned long warp_before = S.epoch.load(std::memory_order_relaxed);
+        for (unsigned i = 0; i < lanes; ++i) {
+          Fiber* f = S.fibers[first + ((round & 1u) ? lanes - 1 - i : i)].get();
+          if (f->done.load(std::memory_order_relaxed)) continue;
+          resume(f);
+          if (f->done.load(std::memory_order_relaxed)) --alive;
+        }
+        if (S.epoch.load(std::memory_order_relaxed) == warp_before) break;  // waits or done
+      }
     }
     if (alive > 0 && S.epoch.load(std::memory_order_relaxed) == before) {
       S.failed = true;
@@ -385,7 +400,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorLaunchFailure: return detail::last_why;
+    case cudaErrorLaunchFailure:
+    case cudaErrorMisalignedAddress: return detail::last_why;
   }
   return "unknown error";
 }
