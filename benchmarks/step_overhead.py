@@ -22,6 +22,10 @@ against ``Adam(fused=True)`` in that process, and its ratio is reported next to 
     python benchmarks/step_overhead.py                       # 100k/50, 1M, 8M, 32M fp32
     python benchmarks/step_overhead.py --sizes 32M:4 --repeats 31
     python benchmarks/step_overhead.py --sizes 32M:4 --weight-decay 1e-4 --momentum 0.9
+    python benchmarks/step_overhead.py --device cuda --sizes 32M:4 100k:50   # on a GPU
+
+It also prints the cost of the self-check that the engine runs once per CUDA device before it
+uses the native kernels there (elra/selfcheck.py; goal: under 50 ms).
 """
 
 from __future__ import annotations
@@ -58,13 +62,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(float(n[:-1] if n[-1] in "kM" else n) * mult), int(k or 1)
 
 
-def make_params(numel: int, tensors: int, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(numel: int, tensors: int, seed: int = 0,
+                device: str = "cpu") -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     sizes = [numel // tensors] * tensors
     sizes[-1] += numel - sum(sizes)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in sizes]
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(device)) for s in sizes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
     return params
 
 
@@ -83,41 +88,50 @@ def state_bytes(opt) -> int:
     return total
 
 
-def interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turn."""
+def sync_of(device: str):
+    """What makes the device's queued work finish (nothing on the CPU)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def interleaved(steps: dict, repeats: int, warmup: int = 3, device: str = "cpu") -> dict:
+    """Median seconds per call of each function, timed in turn (device work included)."""
+    sync = sync_of(device)
     for _ in range(warmup):
         for f in steps.values():
             f()
     times = {k: [] for k in steps}
     for _ in range(repeats):
         for name, f in steps.items():
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def stream_bandwidth(numel: int) -> float:
+def stream_bandwidth(numel: int, device: str = "cpu") -> float:
     """The best bytes per second of simple streaming passes at this size: ``x.add_(g)`` (two
     read streams, one write stream to memory that was just read) and ``g.sum()`` (one read)."""
-    x, g = torch.randn(numel), torch.randn(numel)
-    t = interleaved({"add": lambda: x.add_(g, alpha=1e-9), "sum": lambda: g.sum()}, 11)
+    x, g = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    t = interleaved({"add": lambda: x.add_(g, alpha=1e-9), "sum": lambda: g.sum()}, 11,
+                    device=device)
     return max(3 * numel * 4 / t["add"], numel * 4 / t["sum"])
 
 
-def our_candidates(numel: int, tensors: int, **elra_kw) -> dict:
-    from elra import ElraOptimizer, native_status
+def our_candidates(numel: int, tensors: int, device: str = "cpu", **elra_kw) -> dict:
+    from elra import ElraOptimizer, _ops
 
     out = {}
     for name, cls, kw in (("Adam(fused=True)", torch.optim.Adam, dict(lr=1e-3, fused=True)),
                           ("Adam(foreach=True)", torch.optim.Adam, dict(lr=1e-3, foreach=True)),
                           ("SGD(foreach=True)", torch.optim.SGD, dict(lr=1e-3, foreach=True))):
-        opt = cls(make_params(numel, tensors), **kw)
+        opt = cls(make_params(numel, tensors, device=device), **kw)
         out[name] = (opt, opt.step)
-    engines = (["native"] if native_status()["cpu"] else []) + ["torch"]
+    engines = (["native"] if _ops.has_kernels_for(torch.device(device)) else []) + ["torch"]
     for engine in engines:
-        opt = ElraOptimizer(make_params(numel, tensors), lr=1e-4, regime="stochastic",
-                            engine=engine, **elra_kw)
+        opt = ElraOptimizer(make_params(numel, tensors, device=device), lr=1e-4,
+                            regime="stochastic", engine=engine, **elra_kw)
 
         def step(opt=opt):
             opt.step(1.0)
@@ -152,6 +166,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.0, help="ELRA's weight_decay")
     ap.add_argument("--momentum", type=float, default=None, help="ELRA's momentum")
     ap.add_argument("--out", default="benchmarks/out/step_overhead")
+    ap.add_argument("--device", default="cpu", help="where the parameters live (cpu, cuda)")
     args = ap.parse_args()
 
     out_dir = Path(args.out)
@@ -160,14 +175,16 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native: "
           f"{native_status()}, medians of {args.repeats} interleaved steps; ELRA: stochastic, "
-          f"weight_decay={args.weight_decay}, momentum={args.momentum}")
+          f"weight_decay={args.weight_decay}, momentum={args.momentum}, device {args.device}")
+    print_self_check(args.device)
     rows = []
     for spec in args.sizes:
         numel, tensors = parse_size(spec)
-        bw = stream_bandwidth(numel)
-        cands = our_candidates(numel, tensors, weight_decay=args.weight_decay,
+        bw = stream_bandwidth(numel, args.device)
+        cands = our_candidates(numel, tensors, args.device, weight_decay=args.weight_decay,
                                momentum=args.momentum)
-        med = interleaved({k: f for k, (_, f) in cands.items()}, args.repeats)
+        med = interleaved({k: f for k, (_, f) in cands.items()}, args.repeats,
+                          device=args.device)
         base = med["Adam(fused=True)"]
         for name, (opt, _) in cands.items():
             streams = STREAMS_WITH_DECAY if args.weight_decay else STREAMS
@@ -177,7 +194,7 @@ def main() -> None:
                          "mb_moved": moved / 2**20, "x_floor": med[name] / (moved / bw),
                          "extra_mem": state_bytes(opt) / (numel * 4)})
         del cands
-        if args.reference_python:
+        if args.reference_python and args.device == "cpu":
             r = reference_ratio(args.reference_python, numel, tensors, args.repeats)
             if r is not None:
                 rows.append({"size": spec, "numel": numel, "tensors": tensors,
@@ -201,6 +218,20 @@ def main() -> None:
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out_dir / "step_overhead.png")
     print(f"wrote {out_dir}/results.md and step_overhead.png")
+
+
+def print_self_check(device: str) -> None:
+    """The self-check of the native kernels on the device, timed (a fresh run: the engine's
+    own runs once per device, before the first native engine there)."""
+    from elra import _ops, selfcheck
+
+    dev = torch.device(device)
+    if not _ops.has_kernels_for(dev):
+        print(f"self-check: no native kernels for {device} here")
+        return
+    res = selfcheck.check_kernels(_ops.dispatched("elra"), dev)
+    print(f"self-check of the native kernels on {device}: {'ok' if res.ok else 'FAILED'} in "
+          f"{res.seconds * 1e3:.1f} ms (goal: under 50 ms, once per device): {res.detail}")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -64,6 +64,7 @@ def test_launchers_clean_under_address_and_undefined_behaviour_sanitizers(tmp_pa
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
     assert "ERROR: AddressSanitizer" not in out and "runtime error" not in out, out[-6000:]
+    assert "emulation ok" in out, out
     assert out.count(" ok (") == 4 and out.rstrip().endswith("OK"), out
 
 
@@ -73,4 +74,4 @@ def test_block_sums_race_free_under_thread_sanitizer(tmp_path):
     run = build_and_run(tmp_path, "thread", "--quick")
     out = run.stdout + run.stderr
     assert "WARNING: ThreadSanitizer" not in out, out[-6000:]
-    assert run.returncode == 0 and out.count(" ok (") == 2, out
+    assert run.returncode == 0 and out.count(" ok (") == 2 and "emulation ok" in out, out

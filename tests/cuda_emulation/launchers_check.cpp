@@ -5,7 +5,8 @@
 // ThreadSanitizer, with the block cap lowered (-DELRA_CUDA_MAX_BLOCKS_PER_SEGMENT) so that the
 // segments take several grid-stride passes. Buffers end exactly at their last element (and the
 // elements before a misaligned start are poisoned under ASan), so a read past a segment's head or
-// tail is reported. Prints one line per dtype and "OK" at the end; exits 1 on a mismatch.
+// tail is reported. First checks the emulation itself (shuffles, barriers, launch errors, half
+// conversions). Prints one line per dtype and "OK" at the end; exits 1 on a mismatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -279,6 +280,69 @@ void check_dtype(const std::vector<std::vector<int64_t>>& layouts,
 
 }  // namespace
 
+// --- the emulation itself ----------------------------------------------------------------------
+__global__ void shuffle_kernel(int* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  int v = __shfl_down_sync(0xffffffffu, t, 3);  // lane + 3, or its own past lane 31
+  v += 100 * __shfl_xor_sync(0xffffffffu, t, 5);
+  v += 10000 * __shfl_up_sync(0xffffffffu, t, 1);  // lane - 1, or its own at lane 0
+  v += 1000000 * __shfl_sync(0xffffffffu, t, 7);  // lane 7 of the warp
+  __shared__ int sh[64];
+  sh[t] = v;
+  __syncthreads();
+  out[t] = sh[63 - t];  // another warp's value: through shared memory and the barrier
+}
+
+__global__ void divergent_barrier_kernel(int* out) {
+  if (threadIdx.x < 16) __syncthreads();  // the other threads never arrive
+  out[threadIdx.x] = 1;
+}
+
+__global__ void misaligned_kernel(const float* p, float* out) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p + 1));
+  out[0] = static_cast<float>(u.x);
+}
+
+void expect_int(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("EMULATION %s: wrong\n", what);
+    ++failures;
+  }
+}
+
+// The emulated shuffles, barriers, launch errors and half conversions against known answers.
+void check_emulation() {
+  std::vector<int> out(64, -1);
+  ELRA_LAUNCH(1, 64, 0, nullptr, shuffle_kernel)(out.data());
+  expect_int(cudaGetLastError() == cudaSuccess, "shuffle launch");
+  for (int t = 0; t < 64; ++t) {
+    const int r = 63 - t, lane = r & 31, base = r - lane;
+    const int down = lane + 3 < 32 ? r + 3 : r, up = lane >= 1 ? r - 1 : r;
+    const int want = down + 100 * (base + (lane ^ 5)) + 10000 * up + 1000000 * (base + 7);
+    expect_int(out[t] == want, "shuffles");
+  }
+  ELRA_LAUNCH(1, 32, 0, nullptr, divergent_barrier_kernel)(out.data());
+  expect_int(cudaGetLastError() == cudaErrorLaunchFailure, "divergent __syncthreads reported");
+  alignas(16) float buf[8] = {};
+  ELRA_LAUNCH(1, 1, 0, nullptr, misaligned_kernel)(buf, buf);
+  expect_int(cudaGetLastError() == cudaErrorMisalignedAddress, "misaligned access reported");
+  ELRA_LAUNCH(0, 32, 0, nullptr, divergent_barrier_kernel)(out.data());
+  expect_int(cudaGetLastError() == cudaErrorInvalidConfiguration, "empty grid reported");
+  expect_int(cudaGetLastError() == cudaSuccess, "error cleared once read");
+  // round to nearest even: 1 + 2^-11 is a tie (to 1), 1 + 3 2^-11 rounds up to 1 + 2^-9
+  const struct { float in, half; } cases[] = {
+      {1.0f + 0x1p-11f, 1.0f}, {1.0f + 3 * 0x1p-11f, 1.0f + 0x1p-9f}, {65519.0f, 65504.0f},
+      {65520.0f, INFINITY}, {0x1p-25f, 0.0f}, {0x1.8p-25f, 0x1p-24f}, {-0x1p-20f, -0x1p-20f},
+      {0x1.4p-23f, 0x1p-23f}, {0x1.cp-23f, 0x1p-22f}};  // subnormal ties
+  for (const auto& c : cases) expect_int(__half2float(__float2half_rn(c.in)) == c.half, "half");
+  expect_int(std::isnan(__half2float(__float2half_rn(NAN))), "half NaN");
+  expect_int(__bfloat162float(__float2bfloat16_rn(1.0f + 0x1p-8f)) == 1.0f, "bfloat16 tie");
+  expect_int(__bfloat162float(__float2bfloat16_rn(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f,
+             "bfloat16 round up");
+  expect_int(std::isnan(__bfloat162float(__float2bfloat16_rn(NAN))), "bfloat16 NaN");
+  std::printf("emulation %s\n", failures ? "MISMATCHES" : "ok");
+}
+
 // launchers_check [--quick]: --quick (for ThreadSanitizer, which is slow) checks fewer layouts,
 // in float32 and float16.
 int main(int argc, char** argv) {
@@ -293,6 +357,7 @@ int main(int argc, char** argv) {
     layouts = {{1}, {3, 0, 17, 4097}, {13001, 5}};
     collect_sizes = {17, 13001};
   }
+  check_emulation();
   check_dtype<float>(layouts, collect_sizes);
   check_dtype<__half>(layouts, collect_sizes);
   if (!quick) {

@@ -29,7 +29,10 @@
 #include <sanitizer/tsan_interface.h>
 #define ELRA_EMU_TSAN 1
 #endif
-#if !defined(__x86_64__)
+// the assembly switch on x86-64, ucontext elsewhere (or with -DELRA_EMU_UCONTEXT)
+#if defined(__x86_64__) && !defined(ELRA_EMU_UCONTEXT)
+#define ELRA_EMU_ASM 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -54,7 +57,7 @@ struct Fiber;
 extern "C" __attribute__((visibility("hidden"), noreturn)) void elra_emu_fiber_main(
     elra_emu::detail::Fiber* f);
 
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
 // elra_emu_swap(save, load): pushes the callee-saved registers, stores the stack pointer in
 // *save, switches to the stack `load` and pops its registers (System V ABI: rbx, rbp, r12-r15).
 // A new fiber's stack holds registers with the Fiber* in rbx and returns into
@@ -115,7 +118,7 @@ struct Fiber {
   size_t size = 0;
   std::atomic<bool> done{false};
   ThreadCtx ctx;
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
   void* sp = nullptr;
 #else
   ucontext_t uc;
@@ -145,7 +148,7 @@ struct Scheduler {
   std::atomic<unsigned long> epoch{0};  // arrivals and exits: a round without any is a deadlock
   std::atomic<bool> failed{false};
   unsigned long blocks_run = 0;
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
   void* main_sp = nullptr;
 #else
   ucontext_t main_uc;
@@ -179,7 +182,7 @@ std::unique_ptr<Fiber> new_fiber() {
   return f;
 }
 
-#if !defined(__x86_64__)
+#if !defined(ELRA_EMU_ASM)
 void uc_entry() { elra_emu_fiber_main(S.running.load()); }
 #endif
 
@@ -191,7 +194,7 @@ void reset(Fiber* f) {
   ASAN_UNPOISON_MEMORY_REGION(f->stack, f->size);
   f->fake_stack = nullptr;
 #endif
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
   // elra_emu_swap pops r15 r14 r13 r12 rbx rbp and returns; elra_emu_fiber_start then calls
   // with rsp 16-byte aligned (the ABI's rule at a call)
   uintptr_t top = (reinterpret_cast<uintptr_t>(f->stack) + f->size) & ~uintptr_t(15);
@@ -220,7 +223,7 @@ void resume(Fiber* f) {
 #if defined(ELRA_EMU_TSAN)
   __tsan_switch_to_fiber(f->tsan, 0);  // the fiber sees what the host did before the launch
 #endif
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
   elra_emu_swap(&S.main_sp, f->sp);
 #else
   swapcontext(&S.main_uc, &f->uc);
@@ -238,7 +241,7 @@ void to_main(Fiber* f, bool exiting) {
 #if defined(ELRA_EMU_TSAN)
   __tsan_switch_to_fiber(S.main_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
-#if defined(__x86_64__)
+#if defined(ELRA_EMU_ASM)
   elra_emu_swap(&f->sp, S.main_sp);
 #else
   swapcontext(&f->uc, &S.main_uc);
@@ -318,10 +321,12 @@ void run_block(unsigned nthreads, dim3 block) {
       }
     }
     if (alive > 0 && S.epoch.load(std::memory_order_relaxed) == before) {
+      // A deadlock: the launch fails. From now on the barriers do not wait, so the next pass
+      // runs the waiting threads to their end (the block's results are garbage, as after any
+      // failed launch) and nothing is left half-way for the next launch.
       S.failed = true;
       record(cudaErrorLaunchFailure,
              "deadlock: some threads wait at a barrier that others never reach");
-      return;  // the waiting fibers are dropped (their stacks are reset at the next launch)
     }
   }
 #if defined(ELRA_EMU_TSAN)
