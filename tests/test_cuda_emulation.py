@@ -37,14 +37,17 @@ def test_every_launch_goes_through_the_one_macro():
 
 
 def build_and_run(tmp_path, sanitize, *args):
-    exe = tmp_path / f"launchers_check_{sanitize.split(',')[0]}"
-    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
-           "-Wall", "-Wno-unknown-pragmas", f"-I{EMU_DIR}", f"-I{CUDA_DIR}",
-           f"-DELRA_CUDA_MAX_BLOCKS_PER_SEGMENT={cuda_targets.EMU_MAX_BLOCKS}",
-           "-x", "c++", str(CU), str(EMU_DIR / "emu_runtime.cpp"),
-           str(HERE / "launchers_check.cpp"), "-o", str(exe)]
+    """Build the driver (``sanitize``: the -fsanitize list, or "" for an -O2 build with the
+    GPU's block cap) and run it with ``args``."""
+    exe = tmp_path / f"launchers_check_{sanitize.split(',')[0] or 'plain'}"
+    flags = (["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+              f"-DELRA_CUDA_MAX_BLOCKS_PER_SEGMENT={cuda_targets.EMU_MAX_BLOCKS}"]
+             if sanitize else ["-O2"])
     if sanitize.startswith("address"):
-        cmd.insert(5, "-fno-sanitize-recover=all")
+        flags.append("-fno-sanitize-recover=all")
+    cmd = ["g++", "-std=c++17", *flags, "-Wall", "-Wno-unknown-pragmas", f"-I{EMU_DIR}",
+           f"-I{CUDA_DIR}", "-x", "c++", str(CU), str(EMU_DIR / "emu_runtime.cpp"),
+           str(HERE / "launchers_check.cpp"), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"build failed:\n$ {' '.join(cmd)}\n{res.stderr[-4000:]}"
     env = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
@@ -75,3 +78,14 @@ def test_block_sums_race_free_under_thread_sanitizer(tmp_path):
     out = run.stdout + run.stderr
     assert "WARNING: ThreadSanitizer" not in out, out[-6000:]
     assert run.returncode == 0 and out.count(" ok (") == 2 and "emulation ok" in out, out
+
+
+@pytest.mark.slow
+@needs_gxx
+def test_launchers_at_the_gpus_block_cap(tmp_path):
+    """With 1024 blocks per segment (as on a GPU), a segment of 2M elements has more partial
+    sums than the finishing block has threads (its stride loop)."""
+    run = build_and_run(tmp_path, "", "--big")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and out.count(" ok (") == 2 and "emulation ok" in out, out
+

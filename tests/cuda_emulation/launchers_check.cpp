@@ -343,10 +343,12 @@ void check_emulation() {
   std::printf("emulation %s\n", failures ? "MISMATCHES" : "ok");
 }
 
-// launchers_check [--quick]: --quick (for ThreadSanitizer, which is slow) checks fewer layouts,
-// in float32 and float16.
+// launchers_check [--quick | --big]: --quick (for ThreadSanitizer, which is slow) checks fewer
+// layouts, in float32 and float16; --big (for a build with the GPU's block cap) one layout whose
+// segment needs more blocks (and partial sums) than a block has threads.
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool quick = mode == "--quick";
   // per segment: empty, 1, odd, several blocks, more than one grid pass (the cap is lowered);
   // and MAX_SEGMENTS small ones
   std::vector<std::vector<int64_t>> layouts = {{0}, {1}, {3, 0, 17, 4097}, {40003, 5}};
@@ -357,10 +359,14 @@ int main(int argc, char** argv) {
     layouts = {{1}, {3, 0, 17, 4097}, {13001, 5}};
     collect_sizes = {17, 13001};
   }
+  if (mode == "--big") {  // built with the GPU's block cap: more partials than threads to sum
+    layouts = {{256 * 4096 * 2 + 77, 3}};
+    collect_sizes = {256 * 4096 * 2 + 77};
+  }
   check_emulation();
   check_dtype<float>(layouts, collect_sizes);
   check_dtype<__half>(layouts, collect_sizes);
-  if (!quick) {
+  if (!quick && mode != "--big") {
     check_dtype<double>(layouts, collect_sizes);
     check_dtype<__nv_bfloat16>(layouts, collect_sizes);
   }
