@@ -108,7 +108,8 @@ import torch, elra
 from elra import ElraOptimizer
 st = elra.native_status()
 assert st == {"built": False, "cpu": False, "cuda": False,
-              "error": "disabled by ELRA_DISABLE_NATIVE", "build": None}, st
+              "error": "disabled by ELRA_DISABLE_NATIVE", "build": None,
+              "self_check": {"enabled": True, "devices": {}}}, st
 p = torch.nn.Parameter(torch.ones(3))
 opt = ElraOptimizer([p], regime="stochastic")
 assert opt.engine_name == "torch"
@@ -124,6 +125,7 @@ else:
 print("ok")
 """
     env = dict(os.environ, ELRA_DISABLE_NATIVE="1")
+    env.pop("ELRA_SELF_CHECK", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
