@@ -89,12 +89,21 @@ def test_deferred_trajectory_on_the_cuda_kernels_matches_cpu(target, kw):
     # the one-pass step was taken on most steps, each followed by its fix-up pass
     assert counts["step_fused"] >= 150, counts
     assert counts["fixup"] == counts["step_fused"]
-    np.testing.assert_allclose(l_t, l_c, rtol=2e-3, atol=2e-4)
+    # the emulated kernels round as the CPU ones do but for the order of the sums (2e-7 apart
+    # after 250 steps); a GPU also contracts multiply-adds, so its path drifts further
+    rtol, atol = (1e-4, 1e-5) if target.name == "emulated" else (1e-2, 2e-3)
+    np.testing.assert_allclose(l_t, l_c, rtol=rtol, atol=atol)
     for a, b in zip(m_c.parameters(), m_t.parameters()):
-        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-2, atol=2e-3)
-    sc = o_c.state_dict()["param_groups"][0]["elra"]["control"]
-    st = o_t.state_dict()["param_groups"][0]["elra"]["control"]
-    assert sc.keys() == st.keys()
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=rtol, atol=atol)
+    # the scalar state: the control law's counters equal, its values and the engine's slots
+    # (read from the device by the checkpoint) close
+    ec, et = (o.state_dict()["param_groups"][0]["elra"] for o in (o_c, o_t))
+    for part in ("control", "engine"):
+        for k, v in ec[part].items():
+            if isinstance(v, float):
+                assert math.isclose(et[part][k], v, rel_tol=100 * rtol, abs_tol=atol), (part, k)
+            else:
+                assert et[part][k] == v, (part, k)
 
 
 def test_two_pass_trajectory_on_the_cuda_kernels_matches_cpu(target):
