@@ -19,6 +19,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import elra  # noqa: F401  (loads elra._C, which registers the ops)
 import cuda_targets
@@ -346,6 +348,25 @@ def test_step_fused_and_fixup_match_cpu(target, dtype, momentum, mixed, bad, dec
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_step_fused_past_the_block_cap(target, dtype):
     check_fused(target, [2 * target.grid_pass(dtype) + 1001, 3], dtype, 0.9, 8, False, True, True)
+
+
+layouts = st.lists(st.sampled_from([0, 1, 2, 3, 5, 8, 17, 31, 1001, 4097, 12289]), min_size=1,
+                   max_size=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seg=layouts, dtype=st.sampled_from(DTYPES), momentum=st.sampled_from([0.0, 0.9]),
+       seed=st.integers(0, 2**16), mixed=st.booleans(), bad=st.booleans(), decay=st.booleans())
+def test_step_fused_and_fixup_on_any_layout(target, seg, dtype, momentum, seed, mixed, bad, decay):
+    check_fused(target, seg, dtype, momentum, seed, mixed, bad, decay)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seg=layouts, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       mixed=st.booleans(), with_x=st.booleans(), mode=st.sampled_from([1, 3]))
+def test_reduce_and_update_on_any_layout(target, seg, dtype, seed, mixed, with_x, mode):
+    check_reduce(target, seg, dtype, with_x, seed, mixed)
+    check_update(target, seg, dtype, mode, 0.5, True, seed, mixed)
 
 
 def test_copy_retrace_without_copy(target):
