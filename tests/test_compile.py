@@ -45,7 +45,7 @@ def run(how, steps=60):
     losses = []
     for i in range(steps):
         idx = slice(32 * i % 512, 32 * i % 512 + 32)
-        losses.append(float(step(X[idx], y[idx])))
+        losses.append(float(step(X[idx], y[idx]).detach()))
     return losses, [p.detach().clone() for p in model.parameters()], opt
 
 
