@@ -668,6 +668,17 @@ static const char* cpu_isa_in_use() {
 #define ELRA_BUILD_TORCH ""
 #endif
 
+// The compiler, by name and version (__VERSION__ alone is only the number with GCC).
+#if defined(__clang__)
+#define ELRA_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define ELRA_COMPILER "gcc " __VERSION__
+#elif defined(_MSC_VER)
+#define ELRA_COMPILER "msvc"
+#else
+#define ELRA_COMPILER "unknown"
+#endif
+
 // Importing elra._C registers the operators above. The module itself only says what this
 // build is: the CPU instruction set in use, the CUDA architectures compiled for (empty in a CPU
 // build), the compiler and the torch it was built against (elra.native_status()).
@@ -677,7 +688,7 @@ extern "C" PyObject* PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddStringConstant(m, "cpu_isa", cpu_isa_in_use()) < 0 ||
       PyModule_AddStringConstant(m, "cuda_archs", ELRA_CUDA_ARCHS) < 0 ||
-      PyModule_AddStringConstant(m, "compiler", __VERSION__) < 0 ||
+      PyModule_AddStringConstant(m, "compiler", ELRA_COMPILER) < 0 ||
       PyModule_AddStringConstant(m, "built_against_torch", ELRA_BUILD_TORCH) < 0) {
     Py_DECREF(m);
     return nullptr;

@@ -341,7 +341,8 @@ def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
     else:
         kernels, reason = kernels_for(next(iter(devices)), choice)
         if reason is None:  # the first native engine on a CUDA device checks its kernels there
-            kernels, reason = selfcheck.checked(kernels, next(iter(devices)))
+            kernels, reason = selfcheck.checked(kernels, next(iter(devices)),
+                                                {b.dtype for b in buffers})
     if reason is not None and choice == "native":
         raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
                            f"'torch'")

@@ -174,6 +174,8 @@ def test_lightning_16_mixed_with_torch_grad_scaler(digits, digits_anchor):
         assert all(torch.isfinite(p).all() for p in net.parameters())
         assert opt.stats["no_loss_steps"] == 0  # every step had its loss
         assert abs(acc - hand_acc) <= 0.01, (acc, hand_acc)
+        print(f"[measured] lightning 16-mixed seed {seed}: accuracy {acc:.4f} (float32 {hand_acc:.4f}), "
+              f"{opt.stats['steps']} of 880 steps taken")
 
 
 # --- accelerate ------------------------------------------------------------------------------------
