@@ -229,11 +229,13 @@ def print_self_check(device: str) -> None:
     if not _ops.has_kernels_for(dev):
         print(f"self-check: no native kernels for {device} here")
         return
-    res = selfcheck.check_kernels(_ops.dispatched("elra"), dev)
-    print(f"self-check of the native kernels on {device}: "
-          f"{'ok' if res.ok else 'FAILED: ' + res.detail} in {res.seconds * 1e3:.1f} ms (goal: "
-          f"under 50 ms, once per device; largest deviation {res.max_deviation:.3f} of the "
-          f"tolerance)")
+    for dtypes in ((torch.float32,), selfcheck.DTYPES):
+        res = selfcheck.check_kernels(_ops.dispatched("elra"), dev, dtypes=dtypes)
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        print(f"self-check of the native kernels on {device} ({names}): "
+              f"{'ok' if res.ok else 'FAILED: ' + res.detail} in {res.seconds * 1e3:.1f} ms "
+              f"(goal: under 50 ms, once per device and dtype; largest deviation "
+              f"{res.max_deviation:.3f} of the tolerance)")
 
 
 def plot(rows: list[dict], path: Path) -> None:
