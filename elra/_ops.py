@@ -56,15 +56,20 @@ def _fake(check: Callable) -> Callable:
     return fake
 
 
-def define(namespace: str, default_kernels: bool = True) -> torch.library.Library:
+def define(namespace: str, default_kernels: bool = True, *, schemas: Optional[dict] = None,
+           checks: Optional[dict] = None, kernels=kt) -> torch.library.Library:
     """Declare the ops in ``namespace`` with their fake kernels (and, by default, the
-    pure-torch kernels as the kernels of every device). Keep the returned library alive."""
+    pure-torch kernels as the kernels of every device). Keep the returned library alive.
+    ``schemas``, ``checks`` (the fake kernels, by op) and ``kernels`` (a module with a
+    pure-torch kernel per op) default to ELRA's; :mod:`elra.adam_ops` passes ElraAdam's."""
+    schemas = SCHEMAS if schemas is None else schemas
+    checks = _CHECKS if checks is None else checks
     lib = torch.library.Library(namespace, "DEF")
-    for name, schema in SCHEMAS.items():
+    for name, schema in schemas.items():
         lib.define(name + schema)
-        torch.library.register_fake(f"{namespace}::{name}", _fake(_CHECKS[name]), lib=lib)
+        torch.library.register_fake(f"{namespace}::{name}", _fake(checks[name]), lib=lib)
         if default_kernels:
-            lib.impl(name, getattr(kt, name), "CompositeExplicitAutograd")
+            lib.impl(name, getattr(kernels, name), "CompositeExplicitAutograd")
     return lib
 
 
@@ -112,13 +117,13 @@ else:
                     _error)
 
 
-def has_kernels_for(device: torch.device) -> bool:
-    """True if native kernels can run on tensors of ``device``."""
+def has_kernels_for(device: torch.device, op: str = "elra::update") -> bool:
+    """True if native kernels (of ``op``) can run on tensors of ``device``."""
     if _native is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and bool(
-        torch._C._dispatch_has_kernel_for_dispatch_key("elra::update", key))
+        torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
 
 
 def kernels_for(device: torch.device, choice: str) -> tuple[Kernels, Optional[str]]:
