@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ._contract import MAX_SEGMENTS
 from .adam_control import BETA1, BETA2, BETA_A, EPS, AdamControl
 from .adam_ops import TORCH_KERNELS, AdamKernels, kernels_for
 from .flat_buffer import FlatBuffer
@@ -78,6 +79,8 @@ def make_engine(buffers: list[FlatBuffer], choice: str) -> AdamEngine:
     devices = {b.device for b in buffers}
     if len(devices) > 1:
         kernels, reason = TORCH_KERNELS, "the parameters live on several devices"
+    elif max(len(b.segments) for b in buffers) > MAX_SEGMENTS:
+        kernels, reason = TORCH_KERNELS, f"more than {MAX_SEGMENTS} parameter-group segments"
     else:
         kernels, reason = kernels_for(next(iter(devices)), choice)
     if reason is not None and choice == "native":
