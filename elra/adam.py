@@ -83,6 +83,9 @@ class ElraAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable, alpha0: float = ALPHA0, *, weight_decay: float = 0.0,
                  engine: str = "auto", process_group: Any = AUTO):
         alpha0, weight_decay = _alpha0(alpha0), _weight_decay(weight_decay)
+        if isinstance(params, (set, torch.Tensor)):
+            raise TypeError("params must be an ordered collection (a list, or a module's "
+                            f"parameters()) of tensors or groups, got {type(params).__name__}")
         if engine not in _args.ENGINES:
             raise ValueError(f"engine must be one of {_args.ENGINES}, got {engine!r}")
         self._group = resolve_process_group(process_group)
