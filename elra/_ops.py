@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import kernels_torch as kt
+from ._contract import MAX_SEGMENTS
 
 logger = logging.getLogger("elra")
 
@@ -136,6 +137,27 @@ def kernels_for(device: torch.device, choice: str) -> tuple[Kernels, Optional[st
     if not has_kernels_for(device):
         return TORCH_KERNELS, f"no native kernels for {device.type} tensors in this build"
     return _native, None
+
+
+def choose(devices: set, rows: int, choice: str, kernels_for_device: Callable,
+           fallback, what: str = "") -> object:
+    """The kernel table for buffers on ``devices`` with ``rows`` segment rows: ``fallback``
+    (the pure-torch table) for several devices or too many rows, else ``kernels_for_device``'s
+    (a function like :func:`kernels_for`). ``choice="native"`` raises ``RuntimeError`` where
+    the native kernels cannot run; ``"auto"`` logs why it falls back. ``what``: the optimizer's
+    name in the log."""
+    if len(devices) > 1:
+        kernels, reason = fallback, "the parameters live on several devices"
+    elif rows > MAX_SEGMENTS:
+        kernels, reason = fallback, f"more than {MAX_SEGMENTS} parameter-group segments"
+    else:
+        kernels, reason = kernels_for_device(next(iter(devices)), choice)
+    if reason is not None and choice == "native":
+        raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
+                           f"'torch'")
+    if reason is not None and choice == "auto":
+        logger.info("elra: %susing the pure-torch kernels: %s", what, reason)
+    return kernels
 
 
 def native_status() -> dict:

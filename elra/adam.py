@@ -20,7 +20,7 @@ import torch
 
 from . import _args
 from ._step_hooks import hooked
-from .adam_control import ALPHA0, ALPHA_MAX, ALPHA_MIN, AdamControl
+from .adam_control import ALPHA0, STEP_MAX, STEP_MIN, AdamControl
 from .adam_engine import VECTORS, make_engine, take_step
 from .distributed import AUTO, LossAgreement, resolve_process_group
 from .flat_buffer import Layout, copy_views
@@ -43,8 +43,8 @@ def _weight_decay(value: Any) -> float:
 def _alpha0(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"alpha0 must be a number, got {type(value).__name__}: {value!r}")
-    if not (math.isfinite(value) and ALPHA_MIN <= value <= ALPHA_MAX):
-        raise ValueError(f"alpha0 must be a finite number in [{ALPHA_MIN:g}, {ALPHA_MAX:g}] "
+    if not (math.isfinite(value) and STEP_MIN <= value <= STEP_MAX):
+        raise ValueError(f"alpha0 must be a finite number in [{STEP_MIN:g}, {STEP_MAX:g}] "
                          f"(default {ALPHA0:g}), got {value!r}")
     return float(value)
 

@@ -10,7 +10,7 @@ defaults; the measurements are in ``benchmarks/results/elra_adam_research.md``):
   ``A``, ``Z`` of the applied steps and of 1 under the same weights;
 * per accepted step ``c = -<g, D> Z / A`` (``D`` before this step) and ``n = <g, s g>``, smoothed
   into ``C``, ``N``; ``alpha <- alpha exp(kappa clip(C / N, -1, 1))``, while growing at most
-  ``GROWTH_CAP`` x the largest step of the first half of the run, in ``[ALPHA_MIN, ALPHA_MAX]``;
+  ``GROWTH_CAP`` x the largest step of the first half of the run, in ``[STEP_MIN, STEP_MAX]``;
 * one pass: a step applies last step's ``alpha``; the ``alpha`` from this step's reductions
   takes effect from the next step on;
 * the loss guard (:class:`LossGuard`) and a non-finite gradient turn a call into a retrace: back
@@ -32,7 +32,7 @@ HORIZON = 1000.0  # steps of memory of the drift
 BETA_A = 1.0 - 1.0 / HORIZON
 RATIO_CLIP = 1.0
 GROWTH_CAP = 2.0  # growing, alpha stays below 2x the largest step of the first half of the run
-ALPHA_MIN, ALPHA_MAX = 1e-9, 1e4
+STEP_MIN, STEP_MAX = 1e-9, 1e4
 RETRACE_FACTOR = 0.25
 GUARD_BETA = 0.95  # the guard's moving mean and variance of the accepted losses
 GUARD_WARM = 20  # losses before the guard judges
@@ -135,7 +135,7 @@ class AdamControl:
             new = self.alpha * math.exp(KAPPA * ratio)
             if ratio > 0:  # stop late growth
                 new = min(new, max(self.alpha, GROWTH_CAP * self.history.peak(t // 2)))
-            self.alpha = min(max(new, ALPHA_MIN), ALPHA_MAX)
+            self.alpha = min(max(new, STEP_MIN), STEP_MAX)
         self.peak = max(self.peak, used)
         self.history.append(t, self.peak)
         self.A = BETA_A * self.A + used
@@ -151,7 +151,7 @@ class AdamControl:
             a, b = self.alpha_prev, self.beta_a_prev
             self.A, self.Z = (self.A - a) / b, (self.Z - 1) / b
             undo = (a, b)
-        self.alpha = max(self.alpha * RETRACE_FACTOR, ALPHA_MIN)
+        self.alpha = max(self.alpha * RETRACE_FACTOR, STEP_MIN)
         self.prev_retrace = True
         return undo
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ._contract import MAX_SEGMENTS
+from ._ops import choose
 from .adam_control import BETA1, BETA2, BETA_A, EPS, AdamControl
 from .adam_ops import TORCH_KERNELS, AdamKernels, kernels_for
 from .flat_buffer import FlatBuffer
@@ -76,18 +76,9 @@ class AdamEngine:
 def make_engine(buffers: list[FlatBuffer], choice: str) -> AdamEngine:
     """The engine with the kernels ``choice`` asks for ("auto": native where they can run, else
     pure torch; "native": ``RuntimeError`` where they cannot; "torch")."""
-    devices = {b.device for b in buffers}
-    if len(devices) > 1:
-        kernels, reason = TORCH_KERNELS, "the parameters live on several devices"
-    elif max(len(b.segments) for b in buffers) > MAX_SEGMENTS:
-        kernels, reason = TORCH_KERNELS, f"more than {MAX_SEGMENTS} parameter-group segments"
-    else:
-        kernels, reason = kernels_for(next(iter(devices)), choice)
-    if reason is not None and choice == "native":
-        raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
-                           f"'torch'")
-    if reason is not None and choice == "auto":
-        logger.info("elra: ElraAdam uses the pure-torch kernels: %s", reason)
+    rows = max(len(b.segments) for b in buffers)
+    kernels = choose({b.device for b in buffers}, rows, choice, kernels_for, TORCH_KERNELS,
+                     "ElraAdam: ")
     return AdamEngine(buffers, kernels)
 
 

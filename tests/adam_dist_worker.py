@@ -4,18 +4,17 @@
 
 Trains tests/dist_worker.py's network on its share of each global batch under
 DistributedDataParallel with ``ElraAdam(param_groups(model))`` (the process group found by
-itself) and saves the parameters and the outcome of every call to ``OUT_DIR/ddp.rank<RANK>.pt``.
+itself) and saves the parameters and the outcome of every call to
+``OUT_DIR/adam_ddp.rank<RANK>.pt`` (the process set-up is tests/dist_worker.py's).
 Only rank 1 sees the events of :data:`EVENTS`; the single-process reference (:func:`single`,
 computed by the test) sees them at the same steps.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from elra import ElraAdam  # noqa: E402
+import dist_worker  # noqa: E402
 from dist_worker import global_batches, make_data, make_model, param_groups  # noqa: E402
 
 STEPS = 150
@@ -58,30 +58,19 @@ def single():
     return {n: p.detach().clone() for n, p in model.named_parameters()}, outcomes
 
 
-def main(argv):
-    import torch.distributed as dist
+def scenario_ddp(rank, world, out):
+    """DDP around the network, ElraAdam over its groups (the process group found by itself)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rank, world, init_file, out = int(argv[0]), int(argv[1]), argv[2], argv[3]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = make_model()
-        ddp = DDP(model)
-        opt = ElraAdam(param_groups(model))
-        assert opt.process_group is not None
-        outcomes = run(ddp, opt, rank, world, rank == 1)
-        torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                    "outcomes": outcomes, "engine": opt.engine_name},
-                   Path(out, f"ddp.rank{rank}.pt"))
-    except Exception:
-        Path(out, f"ddp.rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    model = make_model()
+    opt = ElraAdam(param_groups(model))
+    assert opt.process_group is not None
+    outcomes = run(DDP(model), opt, rank, world, rank == 1)
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "outcomes": outcomes, "engine": opt.engine_name}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # dist_worker's process set-up, this scenario
+    dist_worker.SCENARIOS["adam_ddp"] = scenario_ddp
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    main(sys.argv[1:])
+    dist_worker.main(sys.argv[1:] + ["adam_ddp"])

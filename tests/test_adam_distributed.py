@@ -41,7 +41,7 @@ def ranks(tmp_path_factory):
     if any(p.returncode for p in procs):
         errors = "\n".join(f.read_text() for f in sorted(out.glob("*.err")))
         pytest.fail(f"a worker failed:\n{errors or logs[-1][-3000:]}")
-    return [torch.load(out / f"ddp.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"adam_ddp.rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def test_ddp_ranks_stay_bitwise_equal_when_one_rank_sees_bad_values(ranks):
