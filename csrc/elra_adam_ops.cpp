@@ -22,7 +22,7 @@
 #include <optional>
 #include <vector>
 
-#include "elra_checks.h"
+#include "elra_adam_checks.h"
 #include "elra_cpu.h"
 
 namespace elra {
@@ -157,26 +157,11 @@ void step_range(T* x, T* m, T* v, T* d, const T* g, int64_t n,
   }
 }
 
-int check_adam(const at::Tensor& x, const at::Tensor& m, const at::Tensor& v,
-               const at::Tensor& d, const at::Tensor* g, at::IntArrayRef bounds,
-               at::ArrayRef<double> wd) {
-  if (g != nullptr)
-    check_buffers({{&x, "x"}, {&m, "m"}, {&v, "v"}, {&d, "drift"}, {g, "g"}});
-  else
-    check_buffers({{&x, "x"}, {&m, "m"}, {&v, "v"}, {&d, "drift"}});
-  const int nseg = check_bounds(bounds, x.numel());
-  TORCH_CHECK(wd.size() == static_cast<size_t>(nseg), "elra_adam: wd needs one entry per "
-              "segment (", nseg, "), got ", wd.size());
-  return nseg;
-}
-
 void step_cpu(at::Tensor& x, at::Tensor& m, at::Tensor& v, at::Tensor& d, const at::Tensor& g,
               at::IntArrayRef bounds, at::ArrayRef<double> wd, double alpha, double bc1,
               double bc2, double beta1, double beta2, double eps, double beta_a,
               at::Tensor& out) {
-  const int nseg = check_adam(x, m, v, d, &g, bounds, wd);
-  check_on(out, "out", x.device());
-  check_doubles(out, "out", 2);
+  const int nseg = check_adam_step(x, m, v, d, g, bounds, wd, out);
   double* o = out.data_ptr<double>();
   o[0] = o[1] = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elra_adam_step", [&] {
