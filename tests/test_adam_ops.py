@@ -174,6 +174,29 @@ def test_native_is_pure_torch(seg, dtype, seed):
         close(ta, tb, dtype)
 
 
+HAVE_CUDA = torch.cuda.is_available() and native_status()["cuda"]
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="no GPU, or no CUDA kernels in this build")
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("seg", [[1], [17, 0, 40000], [16385, 3]])
+def test_cuda_is_pure_torch(seg, dtype):
+    """The CUDA kernels (csrc/cuda/elra_adam_cuda.cu) against the pure-torch ones."""
+    a, bounds, wd, c = layout(seg, dtype)
+    b = [t.cuda() for t in a]
+    a[4][1 % len(a[4])] = math.nan
+    b[4].copy_(a[4])
+    sa = call_step(TABLES["torch"], a, bounds, wd, c)
+    sb = call_step(adam_ops.dispatched(), b, bounds, wd, c)
+    for ta, tb in zip(a, b):
+        close(ta, tb.cpu(), dtype)
+    assert not any(math.isfinite(s) for s in sb[:1]) and not math.isfinite(sa[0])
+    for kernels, bufs in ((TABLES["torch"], a), (adam_ops.dispatched(), b)):
+        call_undo(kernels, bufs, bounds, wd, c, True)
+    for ta, tb in zip(a, b):
+        close(ta, tb.cpu(), dtype)
+
+
 @pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
 def test_native_sums_do_not_depend_on_threads():
     bufs, bounds, wd, c = layout([100000, 50001], torch.float32)
