@@ -60,9 +60,11 @@ class AdamEngine:
         for (buf, m, v, d, bounds), out in zip(self._args(), self._out):
             self.kernels.step(buf.data, m, v, d, buf.grad, bounds, self._wd(buf, decays), alpha,
                               bc1, bc2, BETA1, BETA2, EPS, beta_a, out)
-        sums = torch.stack(self._out).sum(0).tolist() if len(self._out) > 1 else \
-            self._out[0].tolist()
-        return sums[0], sums[1]
+        if len(self._out) == 1:  # one read of the device's two sums
+            gd, gn = self._out[0].tolist()
+            return gd, gn
+        sums = [o.tolist() for o in self._out]  # buffers of several dtypes or devices
+        return sum(v[0] for v in sums), sum(v[1] for v in sums)
 
     def undo(self, alpha: float, t: int, decays: list[float], beta_a: float,
              with_grad: bool) -> None:

@@ -400,3 +400,19 @@ def test_lightning_is_the_hand_written_loop(digits, set_loss):
                 opt.step(loss)
     assert trainer.optimizers[0].stats["steps"] == 30 == opt.stats["steps"]
     assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), net.parameters()))
+
+
+def test_parameters_of_several_dtypes_share_one_step():
+    """float32 and float64 parameters (two flat buffers): one step size from both."""
+    torch.manual_seed(0)
+    a, b = p(5), p(3, dtype=torch.float64)
+    opt = ElraAdam([a, b])
+    X = torch.randn(32, 5)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((X @ a - 1) ** 2).mean() + ((b - 2) ** 2).sum().float()
+        loss.backward()
+        opt.step(loss)
+    assert opt.last_outcome == "accepted" and opt.stats["steps"] == 30
+    assert opt.stats["buffer_bytes"] == 3 * (5 * 4 + 3 * 8)
+    assert (b - 2).abs().max() < 2 and opt.param_groups[0]["lr"] > 1e-3
