@@ -22,6 +22,7 @@ from . import _args
 from ._step_hooks import hooked
 from .adam_control import ALPHA0, STEP_MAX, STEP_MIN, AdamControl
 from .adam_engine import VECTORS, make_engine, take_step
+from .checkpoint import saved_extra
 from .distributed import AUTO, LossAgreement, resolve_process_group
 from .flat_buffer import Layout, copy_views
 
@@ -254,15 +255,7 @@ class ElraAdam(torch.optim.Optimizer):
 
 def _check_state(opt: ElraAdam, sd: Any) -> tuple:
     """``(extra, control, decays, index)`` of a state for ``opt``, checked (``ValueError``)."""
-    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
-    groups = sd["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer has "
-                         f"{len(opt.param_groups)}")
-    extra = groups[0].get(_KEY) if groups else None
-    if not isinstance(extra, dict):
-        raise ValueError(f"the state was not saved by ElraAdam (no '{_KEY}' entry)")
+    groups, extra = saved_extra(sd, opt.param_groups, _KEY, _NAME)
     control = AdamControl.from_dict(extra.get("control", {}))
     index: dict = {}
     for saved, mine in zip(groups, opt.param_groups):
