@@ -128,6 +128,63 @@ __attribute__((target("avx2,fma"))) void step_chunk_avx2(float* __restrict__ x,
   sums[0] += gd1;
   sums[1] += gn1;
 }
+
+// 16 elements of the AVX-512 kernel below (a function of its own: a lambda would not inherit
+// the target attribute the intrinsics need); masked stores keep the elements whose gradient is
+// not finite.
+struct Coef512 {
+  __m512 a, keep, w1, b2, w2, isb2, eps, ibc1, ba;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline void step_vec512(
+    float* __restrict__ x, float* __restrict__ m, float* __restrict__ v, float* __restrict__ d,
+    const float* __restrict__ g, int64_t j, const Coef512& c, __m512& gd, __m512& gn) {
+  const __m512 g0 = _mm512_loadu_ps(g + j), d0 = _mm512_loadu_ps(d + j);
+  const __m512 m0 = _mm512_loadu_ps(m + j), v0 = _mm512_loadu_ps(v + j);
+  const __m512 x0 = _mm512_loadu_ps(x + j);
+  gd = _mm512_fmadd_ps(g0, d0, gd);
+  const __m512 mn = _mm512_fmadd_ps(c.w1, _mm512_sub_ps(g0, m0), m0);
+  const __m512 vn = _mm512_fmadd_ps(_mm512_mul_ps(c.w2, g0), g0, _mm512_mul_ps(v0, c.b2));
+  const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_fmadd_ps(_mm512_sqrt_ps(vn), c.isb2, c.eps));
+  gn = _mm512_fmadd_ps(_mm512_mul_ps(g0, r), g0, gn);
+  const __m512 au = _mm512_mul_ps(c.a, _mm512_mul_ps(_mm512_mul_ps(mn, r), c.ibc1));
+  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(g0, g0), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  _mm512_mask_storeu_ps(x + j, ok, _mm512_fmsub_ps(x0, c.keep, au));
+  _mm512_mask_storeu_ps(m + j, ok, mn);
+  _mm512_mask_storeu_ps(v + j, ok, vn);
+  _mm512_mask_storeu_ps(d + j, ok, _mm512_fmsub_ps(d0, c.ba, au));
+}
+
+// step for float32 with AVX-512, two vectors per iteration (the tail in step_element).
+__attribute__((target("avx512f"))) void step_chunk_avx512(float* __restrict__ x,
+                                                          float* __restrict__ m,
+                                                          float* __restrict__ v,
+                                                          float* __restrict__ d,
+                                                          const float* __restrict__ g, int64_t b,
+                                                          int64_t e, const Coef<float>& c,
+                                                          double* sums) {
+  const Coef512 k{_mm512_set1_ps(c.a),  _mm512_set1_ps(c.keep), _mm512_set1_ps(c.w1),
+                  _mm512_set1_ps(c.b2), _mm512_set1_ps(c.w2),   _mm512_set1_ps(c.isb2),
+                  _mm512_set1_ps(c.eps), _mm512_set1_ps(c.ibc1), _mm512_set1_ps(c.ba)};
+  __m512 gd0 = _mm512_setzero_ps(), gn0 = gd0, gd1 = gd0, gn1 = gd0;
+  int64_t i = b;
+  for (; i + 32 <= e; i += 32) {
+    step_vec512(x, m, v, d, g, i, k, gd0, gn0);
+    step_vec512(x, m, v, d, g, i + 16, k, gd1, gn1);
+  }
+  float lanes[32];
+  _mm512_storeu_ps(lanes, _mm512_add_ps(gd0, gd1));
+  _mm512_storeu_ps(lanes + 16, _mm512_add_ps(gn0, gn1));
+  for (int l = 0; l < 16; ++l) {
+    sums[0] += lanes[l];
+    sums[1] += lanes[16 + l];
+  }
+  float gdt = 0.0f, gnt = 0.0f;
+  for (; i < e; ++i) step_element<float, float>(x[i], m[i], v[i], d[i], g[i], c, gdt, gnt);
+  sums[0] += gdt;
+  sums[1] += gnt;
+}
 #endif
 
 // One segment of step: per chunk in parallel, the chunk sums added in order into out2.
@@ -142,6 +199,10 @@ void step_range(T* x, T* m, T* v, T* d, const T* g, int64_t n,
       double* sums = partial.data() + 2 * ch;
 #ifdef ELRA_HAVE_AVX2_PATH
       if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx512()) {
+          step_chunk_avx512(x, m, v, d, g, lo, hi, c, sums);
+          continue;
+        }
         if (cpu_has_avx2()) {
           step_chunk_avx2(x, m, v, d, g, lo, hi, c, sums);
           continue;

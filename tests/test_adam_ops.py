@@ -6,6 +6,7 @@ several segments with their own decay.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -230,3 +231,20 @@ def test_bad_arguments_are_rejected(k, bad):
     with pytest.raises(RuntimeError):
         k.step(*bufs, bounds, wd, c["alpha"], c["bc1"], c["bc2"], c["beta1"], c["beta2"],
                c["eps"], c["beta_a"], out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(os.environ.get("ELRA_CPU_ISA")), reason="already inside a capped run")
+@pytest.mark.skipif(not HAVE_NATIVE, reason="native kernels not built")
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_cpu_code_path(isa):
+    """The float32 step picks AVX-512, AVX2 or the generic loop at run time; the others run
+    only when capped (ELRA_CPU_ISA): the native tests again under each cap."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "native"], env=dict(os.environ, ELRA_CPU_ISA=isa),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout
