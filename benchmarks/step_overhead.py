@@ -1,9 +1,11 @@
-"""Per-step cost of ElraOptimizer against torch's Adam and SGD, side by side in one process.
+"""Per-step cost of ElraOptimizer and ElraAdam against torch's Adam and SGD, side by side in one
+process.
 
 Every optimizer steps its own copy of the same parameters with fixed gradients. The timings are
 interleaved (one step of each optimizer in turn, repeated), so that drift of the machine hits all
-alike; the table reports medians and each median's ratio to ``Adam(fused=True)``. ELRA gets a
-constant loss, so every timed step is a normal (accepted) step, which the script checks.
+alike; the table reports medians and each median's ratio to ``Adam(fused=True)``. ELRA and
+ElraAdam get a constant loss, so every timed step is a normal (accepted) step, which the script
+checks.
 
 Columns:
 * ``ratio``: median step time / median step time of ``Adam(fused=True)`` in this process.
@@ -49,6 +51,8 @@ STREAMS = {
     "SGD(foreach=True)": 3,  # x, g read; x written
     "elra native": 5,  # one pass: x, g, d_prev read; x, d_new written
     "elra torch": 8,  # 2 dots (g, d; g), d <- g (read, write), x <- x - s d (2 reads, write)
+    "ElraAdam native": 9,  # one pass: x, g, m, v, D read; x, m, v, D written
+    "ElraAdam torch": 34,  # one torch op per term (elra/adam_kernels_torch.py): 14 passes
 }
 # with weight decay the pure-torch engine also reads x for |x| and forms g' = g + c x (3 streams)
 # into a buffer that then becomes the direction (no copy)
@@ -120,7 +124,7 @@ def stream_bandwidth(numel: int, device: str = "cpu") -> float:
 
 
 def our_candidates(numel: int, tensors: int, device: str = "cpu", **elra_kw) -> dict:
-    from elra import ElraOptimizer, _ops
+    from elra import ElraAdam, ElraOptimizer, _ops
 
     out = {}
     for name, cls, kw in (("Adam(fused=True)", torch.optim.Adam, dict(lr=1e-3, fused=True)),
@@ -139,6 +143,16 @@ def our_candidates(numel: int, tensors: int, device: str = "cpu", **elra_kw) -> 
                 raise RuntimeError(f"not a normal step: {opt.last_outcome}")
 
         out[f"elra {engine}"] = (opt, step)
+    for engine in engines:
+        opt = ElraAdam(make_params(numel, tensors, device=device), engine=engine,
+                       weight_decay=elra_kw.get("weight_decay") or 0.0)
+
+        def step(opt=opt):
+            opt.step(1.0)
+            if opt.last_outcome != "accepted":
+                raise RuntimeError(f"not a normal step: {opt.last_outcome}")
+
+        out[f"ElraAdam {engine}"] = (opt, step)
     return out
 
 

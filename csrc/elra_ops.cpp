@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "elra_checks.h"
+#include "elra_cpu.h"
 #include "elra_math.h"
 
 namespace elra {
@@ -51,42 +52,7 @@ constexpr int64_t CHUNK = 1 << 14;
 constexpr int LANES = 8;
 
 
-// [note: vectorization] The inner loops are plain functions with restrict pointers (inside a
-// lambda the captured pointers may alias the stores, which stops the vectorizer) and are cloned
-// for AVX2+FMA with a generic fallback picked at load time (GCC target_clones), so a portable
-// build still runs at the speed of the machine.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ELRA_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define ELRA_CLONES
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ELRA_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-
-// ELRA_CPU_ISA=avx2 or =generic (read once) caps the instruction set the kernels use, so that
-// the tests can run every code path on a machine that has them all.
-int isa_cap() {
-  static const int cap = [] {
-    const char* v = std::getenv("ELRA_CPU_ISA");
-    if (v == nullptr) return 2;
-    const std::string s(v);
-    return s == "generic" ? 0 : (s == "avx2" ? 1 : 2);
-  }();
-  return cap;
-}
-
-bool cpu_has_avx2() {
-  static const bool ok =
-      isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-bool cpu_has_avx512() {
-  static const bool ok = isa_cap() >= 2 && __builtin_cpu_supports("avx512f");
-  return ok;
-}
+#ifdef ELRA_HAVE_AVX2_PATH  // (elra_cpu.h)
 
 // float32 sums with AVX2: two 8-wide accumulators per sum (the auto-vectorizer does not
 // reassociate float sums, so these are written out), tail in scalar code.

@@ -2,6 +2,8 @@
 
 ``ElraOptimizer`` tunes its own step size from the angle between consecutive gradients,
 retraces failed steps, grows its batch by gradient collection and controls its weight decay.
+``ElraAdam`` asks ELRA's question of a long-horizon drift of Adam's steps: Adam's direction with
+one self-tuned step size, for the models Adam trains well (transformers, small CNNs).
 ``ElraGradScaler`` is its loss scaler for mixed precision. See ``get_user_manual_path()``.
 """
 
@@ -10,12 +12,13 @@ from pathlib import Path
 
 from ._ops import native_status
 from ._version import __version__
+from .adam import ElraAdam
 from .optimizer import ElraOptimizer
 from .scaler import ElraGradScaler
 
 logging.getLogger("elra").addHandler(logging.NullHandler())
 
-__all__ = ["ElraOptimizer", "ElraGradScaler", "get_user_manual_path", "native_status",
+__all__ = ["ElraOptimizer", "ElraAdam", "ElraGradScaler", "get_user_manual_path", "native_status",
            "__version__"]
 
 

@@ -155,9 +155,10 @@ def stochastic_regime(regime: Optional[str], classes: Optional[int], warmup: int
     return False
 
 
-def param_group(param_group: Any) -> dict:
+def param_group(param_group: Any, who: str = "ElraOptimizer") -> dict:
     """A parameter group, checked: dense real floating-point tensors on one device, each once;
-    its ``weight_decay`` normalised."""
+    its ``weight_decay`` normalised (ELRA's convention). ``who``: the optimizer's name in
+    the messages."""
     if not isinstance(param_group, dict):
         raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
     group = dict(param_group)
@@ -173,15 +174,15 @@ def param_group(param_group: Any) -> dict:
     devices = set()
     for p in params:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"ElraOptimizer can only optimize Tensors, got {type(p).__name__}")
+            raise TypeError(f"{who} can only optimize Tensors, got {type(p).__name__}")
         if p.is_complex():
-            raise TypeError("ElraOptimizer does not support complex parameters "
+            raise TypeError(f"{who} does not support complex parameters "
                             f"(dtype {p.dtype}); view them as real with torch.view_as_real")
         if not p.is_floating_point():
-            raise TypeError(f"ElraOptimizer can only optimize floating point parameters, "
+            raise TypeError(f"{who} can only optimize floating point parameters, "
                             f"got dtype {p.dtype}")
         if p.is_sparse or p.layout != torch.strided:
-            raise TypeError(f"ElraOptimizer needs dense parameters, got layout {p.layout}")
+            raise TypeError(f"{who} needs dense parameters, got layout {p.layout}")
         devices.add(p.device)
     if len(devices) > 1:
         raise ValueError("all parameters of one group must be on one device, got "

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import kernels_torch as kt
+from ._contract import MAX_SEGMENTS
 
 logger = logging.getLogger("elra")
 
@@ -56,15 +57,20 @@ def _fake(check: Callable) -> Callable:
     return fake
 
 
-def define(namespace: str, default_kernels: bool = True) -> torch.library.Library:
+def define(namespace: str, default_kernels: bool = True, *, schemas: Optional[dict] = None,
+           checks: Optional[dict] = None, kernels=kt) -> torch.library.Library:
     """Declare the ops in ``namespace`` with their fake kernels (and, by default, the
-    pure-torch kernels as the kernels of every device). Keep the returned library alive."""
+    pure-torch kernels as the kernels of every device). Keep the returned library alive.
+    ``schemas``, ``checks`` (the fake kernels, by op) and ``kernels`` (a module with a
+    pure-torch kernel per op) default to ELRA's; :mod:`elra.adam_ops` passes ElraAdam's."""
+    schemas = SCHEMAS if schemas is None else schemas
+    checks = _CHECKS if checks is None else checks
     lib = torch.library.Library(namespace, "DEF")
-    for name, schema in SCHEMAS.items():
+    for name, schema in schemas.items():
         lib.define(name + schema)
-        torch.library.register_fake(f"{namespace}::{name}", _fake(_CHECKS[name]), lib=lib)
+        torch.library.register_fake(f"{namespace}::{name}", _fake(checks[name]), lib=lib)
         if default_kernels:
-            lib.impl(name, getattr(kt, name), "CompositeExplicitAutograd")
+            lib.impl(name, getattr(kernels, name), "CompositeExplicitAutograd")
     return lib
 
 
@@ -112,13 +118,13 @@ else:
                     _error)
 
 
-def has_kernels_for(device: torch.device) -> bool:
-    """True if native kernels can run on tensors of ``device``."""
+def has_kernels_for(device: torch.device, op: str = "elra::update") -> bool:
+    """True if native kernels (of ``op``) can run on tensors of ``device``."""
     if _native is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and bool(
-        torch._C._dispatch_has_kernel_for_dispatch_key("elra::update", key))
+        torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
 
 
 def kernels_for(device: torch.device, choice: str) -> tuple[Kernels, Optional[str]]:
@@ -131,6 +137,27 @@ def kernels_for(device: torch.device, choice: str) -> tuple[Kernels, Optional[st
     if not has_kernels_for(device):
         return TORCH_KERNELS, f"no native kernels for {device.type} tensors in this build"
     return _native, None
+
+
+def choose(devices: set, rows: int, choice: str, kernels_for_device: Callable,
+           fallback, what: str = "") -> object:
+    """The kernel table for buffers on ``devices`` with ``rows`` segment rows: ``fallback``
+    (the pure-torch table) for several devices or too many rows, else ``kernels_for_device``'s
+    (a function like :func:`kernels_for`). ``choice="native"`` raises ``RuntimeError`` where
+    the native kernels cannot run; ``"auto"`` logs why it falls back. ``what``: the optimizer's
+    name in the log."""
+    if len(devices) > 1:
+        kernels, reason = fallback, "the parameters live on several devices"
+    elif rows > MAX_SEGMENTS:
+        kernels, reason = fallback, f"more than {MAX_SEGMENTS} parameter-group segments"
+    else:
+        kernels, reason = kernels_for_device(next(iter(devices)), choice)
+    if reason is not None and choice == "native":
+        raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
+                           f"'torch'")
+    if reason is not None and choice == "auto":
+        logger.info("elra: %susing the pure-torch kernels: %s", what, reason)
+    return kernels
 
 
 def native_status() -> dict:

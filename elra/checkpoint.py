@@ -70,18 +70,26 @@ class Loaded(NamedTuple):
     index: dict  # saved parameter id -> parameter
 
 
+def saved_extra(sd, groups: list, key: str, who: str) -> tuple[list, dict]:
+    """The saved parameter groups of a state dict ``sd`` for an optimizer with ``groups`` and
+    the optimizer's scalars under ``key`` of the first group; ``ValueError`` (``who``: the
+    optimizer's name) for something else or another number of groups."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+    saved = sd["param_groups"]
+    if len(saved) != len(groups):
+        raise ValueError(f"the state has {len(saved)} parameter groups, this optimizer "
+                         f"has {len(groups)}")
+    extra = saved[0].get(key) if saved else None
+    if not isinstance(extra, dict):
+        raise ValueError(f"the state was not saved by {who} (no '{key}' entry)")
+    return saved, extra
+
+
 def check(opt, sd: dict) -> Loaded:
     """Everything ``load_state_dict`` needs from ``sd``, checked; raises ``ValueError`` (and
     changes nothing) for a state of another version, group or parameter layout or shapes."""
-    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
-    groups = sd["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer "
-                         f"has {len(opt.param_groups)}")
-    extra = groups[0].get("elra") if groups else None
-    if not isinstance(extra, dict):
-        raise ValueError("the state was not saved by ElraOptimizer (no 'elra' entry)")
+    groups, extra = saved_extra(sd, opt.param_groups, "elra", "ElraOptimizer")
     if extra.get("version", 0) > STATE_VERSION:
         raise ValueError(f"the state has version {extra.get('version')}, newer than this "
                          f"elra ({STATE_VERSION}); upgrade elra")

@@ -61,11 +61,11 @@ import torch
 
 from ._contract import (ALPHA, APPLIED, CLIP, CLIPPED, DIR_SCALE, DIR_SQ, GNA, GRAD_SQ,
                         HALF_GRAD_NORM_LIMIT, HAS_POINT, KIND_ACCEPT, KIND_ACCEPT_FUSED,
-                        KIND_FIRST, KIND_RETRACE, LR, MAX_SEGMENTS, MEAN_ANGLE, MIN_ANGLE, MODE,
+                        KIND_FIRST, KIND_RETRACE, LR, MEAN_ANGLE, MIN_ANGLE, MODE,
                         MODE_NONE, NORM_SUM, NUM_SLOTS, RED_WIDTH, ST_NONE, ST_OK, STATUS, STEP,
                         XX_CACHE)
 from . import selfcheck
-from ._ops import TORCH_KERNELS, Kernels, kernels_for
+from ._ops import TORCH_KERNELS, Kernels, choose, kernels_for
 from .flat_buffer import FlatBuffer
 
 logger = logging.getLogger("elra")
@@ -324,6 +324,15 @@ class Engine:
         self.move()
 
 
+def _checked_kernels_for(device: torch.device, choice: str, dtypes: set):
+    """:func:`elra._ops.kernels_for`, and native kernels on a CUDA device checked there first
+    (once per device and dtype, :func:`elra.selfcheck.checked`)."""
+    kernels, reason = kernels_for(device, choice)
+    if reason is None:
+        kernels, reason = selfcheck.checked(kernels, device, dtypes)
+    return kernels, reason
+
+
 def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
     """The engine for ``buffers`` with the kernels ``choice`` asks for ("auto": the native
     ones where they can run, else pure torch; "native" raises ``RuntimeError`` where they
@@ -334,19 +343,8 @@ def make_engine(buffers: list[FlatBuffer], choice: str, **kw) -> Engine:
     rows = sum(len(b.segments) for b in buffers)
     if kw.get("reducer") is not None:
         rows += kw.get("num_groups", 1)
-    if len(devices) > 1:
-        kernels, reason = TORCH_KERNELS, "the parameters live on several devices"
-    elif rows > MAX_SEGMENTS:
-        kernels, reason = TORCH_KERNELS, f"more than {MAX_SEGMENTS} parameter-group segments"
-    else:
-        kernels, reason = kernels_for(next(iter(devices)), choice)
-        if reason is None:  # the first native engine on a CUDA device checks its kernels there
-            kernels, reason = selfcheck.checked(kernels, next(iter(devices)),
-                                                {b.dtype for b in buffers})
-    if reason is not None and choice == "native":
-        raise RuntimeError(f"engine='native' was asked for, but {reason}; use engine='auto' or "
-                           f"'torch'")
-    if reason is not None and choice == "auto":
-        logger.info("elra: using the pure-torch kernels: %s", reason)
+    dtypes = {b.dtype for b in buffers}
+    kernels = choose(devices, rows, choice, lambda d, c: _checked_kernels_for(d, c, dtypes),
+                     TORCH_KERNELS)
     logger.info("elra: %s kernels on %s", kernels.name, ", ".join(sorted(map(str, devices))))
     return Engine(buffers, kernels, **kw)

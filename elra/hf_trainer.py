@@ -15,23 +15,25 @@ Importing this module imports ``transformers``; ``import elra`` does not.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import transformers
 
+from .adam import ElraAdam
 from .optimizer import ElraOptimizer
 
 
-def elra_optimizer(optimizer: Any) -> ElraOptimizer:
-    """The ``ElraOptimizer`` inside ``optimizer`` (accelerate and others wrap it in objects with
-    an ``optimizer`` attribute); ``TypeError`` if there is none."""
+def elra_optimizer(optimizer: Any) -> Union[ElraOptimizer, ElraAdam]:
+    """The ``ElraOptimizer`` (or ``ElraAdam``) inside ``optimizer`` (accelerate and others wrap
+    it in objects with an ``optimizer`` attribute); ``TypeError`` if there is none."""
     seen = optimizer
     for _ in range(8):
-        if isinstance(seen, ElraOptimizer):
+        if isinstance(seen, (ElraOptimizer, ElraAdam)):
             return seen
         seen = getattr(seen, "optimizer", None)
-    raise TypeError(f"ElraTrainer needs an ElraOptimizer, got {type(optimizer).__name__}")
+    raise TypeError(f"ElraTrainer needs an ElraOptimizer or ElraAdam, got "
+                    f"{type(optimizer).__name__}")
 
 
 class ElraTrainer(transformers.Trainer):

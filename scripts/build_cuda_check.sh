@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the full CUDA extension (csrc/*.cpp + csrc/cuda/*.cpp + csrc/cuda/*.cu) against a CUDA
-# build of torch in a scratch venv, then imports it and reports which elra:: kernels registered.
+# build of torch in a scratch venv, then imports it and reports which elra:: and elra_adam::
+# kernels registered.
 # Needs no GPU: it checks that the kernels and their torch glue compile and link, and that the
 # CUDA kernels register with the dispatcher (running them is tests/test_cuda_ops.py's job, on a
 # machine with a GPU).
@@ -95,12 +96,13 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"GPU available: {torch.cuda.is_available()}")
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 ok = True
-for op in ("reduce", "collect", "finalize", "update", "step_fused", "fixup"):
-    cpu, cuda = has(f"elra::{op}", "CPU"), has(f"elra::{op}", "CUDA")
+for op in ("elra::reduce", "elra::collect", "elra::finalize", "elra::update",
+           "elra::step_fused", "elra::fixup", "elra_adam::step", "elra_adam::undo"):
+    cpu, cuda = has(op, "CPU"), has(op, "CUDA")
     ok = ok and cpu and cuda
-    print(f"elra::{op:9s} CPU kernel: {cpu}  CUDA kernel: {cuda}")
+    print(f"{op:16s} CPU kernel: {cpu}  CUDA kernel: {cuda}")
 print("native_status:", _ops.native_status())
 if not ok:
-    raise SystemExit("some elra:: kernels are missing")
+    raise SystemExit("some elra:: or elra_adam:: kernels are missing")
 EOF
-say "OK: the CUDA extension builds, loads and registers CUDA kernels for all six ops"
+say "OK: the CUDA extension builds, loads and registers CUDA kernels for all eight ops (elra::, elra_adam::)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elra import ElraOptimizer, get_user_manual_path
+from elra import ElraAdam, ElraOptimizer, get_user_manual_path
 from conftest import DIGITS_SEEDS, digits_anchor_optimizer, digits_split, mlp, one_thread, require
 
 pytestmark = pytest.mark.slow  # trainings
@@ -70,10 +70,16 @@ class Chunks(torch.utils.data.Dataset):
         return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
 
 
-def test_gpt2_trainer_run_is_the_hand_written_loop(tmp_path):
+OPTIMIZERS = {"ElraOptimizer": lambda params: ElraOptimizer(params, regime="stochastic", lr=1e-4,
+                                                           warmup=10),
+              "ElraAdam": ElraAdam}
+
+
+@pytest.mark.parametrize("which", list(OPTIMIZERS))
+def test_gpt2_trainer_run_is_the_hand_written_loop(tmp_path, which):
     chunks, batch, accum = text_chunks(8 * 2 * 30), 8, 2  # 30 optimizer steps
     model = gpt2()
-    opt = ElraOptimizer(model.parameters(), regime="stochastic", lr=1e-4, warmup=10)
+    opt = OPTIMIZERS[which](model.parameters())
     trainer = InOrder(model=model, args=args(tmp_path, per_device_train_batch_size=batch,
                                               gradient_accumulation_steps=accum,
                                               num_train_epochs=1),
@@ -89,7 +95,7 @@ def test_gpt2_trainer_run_is_the_hand_written_loop(tmp_path):
     assert losses == list(range(1, 31))  # ELRA took a (loss-driven) step at every optimizer step
 
     hand = gpt2()
-    hand_opt = ElraOptimizer(hand.parameters(), regime="stochastic", lr=1e-4, warmup=10)
+    hand_opt = OPTIMIZERS[which](hand.parameters())
     micro = [{"input_ids": torch.stack(chunks[i:i + batch]),
               "labels": torch.stack(chunks[i:i + batch])} for i in range(0, len(chunks), batch)]
     hand_losses = []

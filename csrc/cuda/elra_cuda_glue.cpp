@@ -6,7 +6,7 @@
 // mode and step sizes of update are read by the kernel from the scalar tensor.
 //
 // Built in a CUDA build (setup.py with a CUDA torch; needs the CUDA headers of torch), and by
-// the tests on the CPU emulation of the kernels: elra_cuda_target.h says which.
+// the tests on the CPU emulation of the kernels: elra_cuda_torch.h says which.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -15,46 +15,11 @@
 
 #include "../elra_checks.h"
 #include "elra_cuda.h"
-#include "elra_cuda_target.h"
+#include "elra_cuda_torch.h"
 
 namespace elra {
 namespace cuda {
 namespace {
-
-// The CUDA kernel of an op runs when any argument is a CUDA tensor; the shared checks
-// (../elra_checks.h) then make sure all of them are on that device.
-void check_cuda(const at::Tensor& t) {
-  TORCH_CHECK(on_target(t), "elra: expected ", TARGET_NAME, " tensors, got one on ", t.device());
-}
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, "elra: no CUDA kernel for dtype ", t.scalar_type(),
-              " (float32, float64, float16 and bfloat16 are supported)");
-  return DType::Float32;  // not reached
-}
-
-Segments segments_of(at::IntArrayRef bounds) {
-  Segments s{};
-  s.nseg = static_cast<int>(bounds.size()) - 1;
-  for (size_t i = 0; i < bounds.size(); ++i) s.bound[i] = bounds[i];
-  return s;
-}
-
-cudaStream_t stream() { return current_stream(); }
-
-// A device workspace of at least `bytes` (float64 elements; lives until the kernels ran: the
-// caching allocator reuses it only for later work on the same stream).
-at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  const int64_t n = static_cast<int64_t>((bytes + sizeof(double) - 1) / sizeof(double));
-  return at::empty({n}, like.options().dtype(at::kDouble));
-}
 
 void reduce_cuda(const at::Tensor& g, const at::Tensor& d, const at::Tensor& x,
                  at::IntArrayRef bounds, bool with_x, at::Tensor& out) {
