@@ -98,6 +98,7 @@ def worker(rank: int, world: int, tmp: str, args) -> None:
         print(f"step length {zero.optim.param_groups[0]['lr']:.3g}; the checkpoint restored "
               f"{restored} steps")
         print(f"test accuracy {acc:.4f}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

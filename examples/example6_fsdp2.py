@@ -89,6 +89,7 @@ def worker(rank: int, world: int, tmp: str, args) -> None:
         print(f"step length {optimizer.param_groups[0]['lr']:.3g}; restored from the "
               f"checkpoint: parameters equal {same}, step length equal {restored}")
         print(f"test accuracy {acc:.4f}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
